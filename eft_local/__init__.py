@@ -1,0 +1,25 @@
+"""eft-local: emulated fine-tuning and LM up-scaling with llama.cpp, on your own machine.
+
+    from eft_local import EFT
+    with EFT(base="large.gguf", tuned="small-instruct.gguf", reference="small.gguf") as eft:
+        print(eft.generate("Where is Paris?", temperature=0).text)
+"""
+
+from .combine import eft_logprobs, log_softmax
+from .engine import EFT, Chunk, Completion
+from .errors import EFTError
+from .sampling import Sampler
+from .vocab import check_vocabularies, read_vocab
+
+__all__ = [
+    "EFT",
+    "Chunk",
+    "Completion",
+    "EFTError",
+    "Sampler",
+    "check_vocabularies",
+    "eft_logprobs",
+    "log_softmax",
+    "read_vocab",
+]
+__version__ = "0.1.0"

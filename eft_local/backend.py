@@ -1,0 +1,208 @@
+"""One llama.cpp model and its context: the tokens in its KV cache and the logits it produced.
+
+This is the only module that holds model state. Everything it exposes is what the step loop
+needs: evaluate tokens, read logits at a position, trim the cache to n tokens, vocabulary facts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from .errors import EFTError
+
+# A piece longer than this comes back as a negative length and is retried with a larger buffer.
+_PIECE_BUF = 256
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Backend:
+    """A GGUF model in its own llama.cpp context with its own KV cache.
+
+    ``tokens`` is always exactly what the KV cache holds for sequence 0.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+    ):
+        self.path = os.fspath(path)
+        threads = n_threads or os.cpu_count() or 1
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=self.path,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=n_gpu_layers,
+                logits_all=False,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise EFTError(f"cannot load {self.path}: {e}") from None
+        self.ctx = self.llm.ctx
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = self.llm.n_ctx()
+        self.n_batch = self.llm.n_batch
+        self.tokens: list[int] = []
+        self.n_evaluated = 0  # tokens run through the model, for tests and stats
+        self.n_decode_calls = 0
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._first_output = 0  # batch index of the first row with logits in the last decode
+        self._n_outputs = 0
+        self._pieces: dict[int, bytes] = {}
+
+    # --- the cache -------------------------------------------------------------------------
+
+    def eval(self, tokens: Sequence[int], *, n_logits: int = 1) -> None:
+        """Append ``tokens`` to the cache; keep logits for the last ``n_logits`` of them.
+
+        Long inputs are split into n_batch chunks (a larger batch aborts llama.cpp); the rows
+        with logits must all fit in the final chunk.
+        """
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        if not 1 <= n_logits <= min(len(tokens), self.n_batch):
+            raise ValueError(f"n_logits must be in [1, {min(len(tokens), self.n_batch)}], got {n_logits}")
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise EFTError(
+                f"context full: {len(self.tokens)} + {len(tokens)} tokens exceed the context of {self.n_ctx}"
+            )
+        # Whatever the cache holds past our history (a decode cut short) is dropped first.
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
+        # Chunks end at the token list's end, so the first chunk is the short one.
+        start = 0
+        first_len = len(tokens) % self.n_batch or self.n_batch
+        while start < len(tokens):
+            end = start + (first_len if start == 0 else self.n_batch)
+            chunk = tokens[start:end]
+            last_chunk = end >= len(tokens)
+            self._decode(chunk, len(chunk) - n_logits if last_chunk else len(chunk))
+            start = end
+
+    def _decode(self, chunk: Sequence[int], first_output: int) -> None:
+        b = self._batch
+        n_past = len(self.tokens)
+        for i, tok in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= first_output
+        b.n_tokens = len(chunk)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        self.n_decode_calls += 1
+        if rc != 0:
+            raise EFTError(f"llama_decode failed with status {rc} in {os.path.basename(self.path)}")
+        self.tokens.extend(chunk)
+        self.n_evaluated += len(chunk)
+        self._first_output = first_output
+        self._n_outputs = len(chunk) - first_output
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Raw logits of output row ``i`` of the last eval (-1: the last token).
+
+        A view into llama.cpp's buffer, valid until the next eval: copy it to keep it.
+        """
+        if i < 0:
+            i += self._n_outputs
+        if not 0 <= i < self._n_outputs:
+            raise IndexError(f"logits row {i} not available ({self._n_outputs} rows)")
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, self._first_output + i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def trim(self, n: int) -> int:
+        """Keep only the first ``n`` tokens in the cache; return how many were kept.
+
+        Some caches (sliding-window attention) cannot drop a partial sequence; those are
+        cleared, and the caller re-evaluates from the start.
+        """
+        if n >= len(self.tokens):
+            return len(self.tokens)
+        if not llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
+            llama_cpp.llama_memory_clear(self.memory, True)
+            n = 0
+        del self.tokens[n:]
+        return n
+
+    def sync(self, tokens: Sequence[int]) -> int:
+        """Make the cache hold exactly ``tokens``, with logits for the last one.
+
+        Reuses the longest common prefix with what is cached; returns how many tokens were
+        evaluated.
+        """
+        if not tokens:
+            raise ValueError("cannot evaluate an empty prompt")
+        # The last token is always evaluated again: its logits are what the caller wants.
+        keep = self.trim(min(common_prefix(self.tokens, tokens), len(tokens) - 1))
+        self.eval(tokens[keep:])
+        return len(tokens) - keep
+
+    def reset(self) -> None:
+        """Forget the whole cache."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+        self.tokens.clear()
+
+    # --- vocabulary ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Tokenize like llama.cpp: ``add_bos`` follows the model's own BOS rule when True."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token decodes to (special tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(_PIECE_BUF)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, _PIECE_BUF, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def token_text(self, token: int) -> str:
+        """The token's vocabulary entry, special tokens included (for messages and templates)."""
+        return self.llm._model.token_get_text(token)
+
+    def is_eog(self, token: int) -> bool:
+        """True for the model's end-of-generation tokens (EOS, EOT, <|im_end|>, ...)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos_id(self) -> int:
+        return self.llm.token_bos()
+
+    @property
+    def eos_id(self) -> int:
+        return self.llm.token_eos()
+
+    def close(self) -> None:
+        """Free the context, the model and the batch."""
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.close()

@@ -1,0 +1,250 @@
+"""The ``eft-local`` command: thin click code over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, Iterable, TextIO
+
+import click
+
+from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk
+from .errors import EFTError
+from .vocab import check_vocabularies, read_vocab
+
+# Re-raise unexpected exceptions with their traceback when set (for debugging).
+DEBUG_ENV = "EFT_LOCAL_DEBUG"
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error and exit."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(f: Callable) -> Callable:
+    """Turn library errors into ``error: ...`` on stderr and exit status 1, never a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except EFTError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the CLI promises no tracebacks
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(f"{type(e).__name__}: {e}")
+
+    return wrapper
+
+
+def model_options(f: Callable) -> Callable:
+    """The three model paths."""
+    for decorator in reversed(
+        [
+            click.option("--base", "-b", required=True, type=click.Path(dir_okay=False), help="Large pre-trained model (GGUF)."),
+            click.option("--tuned", "-t", required=True, type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
+            click.option("--reference", "-r", required=True, type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def engine_options(f: Callable) -> Callable:
+    """How the models are combined and run."""
+    for decorator in reversed(
+        [
+            click.option("--weight", "-w", type=float, default=1.0, show_default=True, help="Weight of the fine-tuning delta (0: base model alone)."),
+            click.option("--base-prompt", type=click.Choice(BASE_PROMPTS), default="same", show_default=True, help="same: every model sees the chat template; plain: base and reference see a plain transcript."),
+            click.option("--ctx-size", "-c", type=int, default=DEFAULT_CTX, show_default=True, help="Context size per model (capped at each model's trained length)."),
+            click.option("--threads", type=int, default=None, help="CPU threads per model [default: all cores, split when concurrent]."),
+            click.option("--gpu-layers", "-ngl", type=int, default=0, show_default=True, help="Layers to offload to the GPU per model (-1: all)."),
+            click.option("--concurrent/--sequential", default=None, help="Run the three forward passes in threads or one after another [default: sequential]."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def sampling_options(f: Callable) -> Callable:
+    """Sampling of the combined distribution, shared by generate and chat."""
+    for decorator in reversed(
+        [
+            click.option("--temperature", "--temp", type=float, default=0.8, show_default=True, help="0 means greedy."),
+            click.option("--top-k", type=int, default=40, show_default=True, help="0 disables."),
+            click.option("--top-p", type=float, default=0.95, show_default=True, help="1 disables."),
+            click.option("--min-p", type=float, default=0.05, show_default=True, help="0 disables."),
+            click.option("--seed", "-s", type=int, default=None, help="Random seed (same seed, same output)."),
+            click.option("--max-tokens", "-n", type=int, default=512, show_default=True, help="Most tokens to generate."),
+            click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def load(base: str, tuned: str, reference: str, weight: float, base_prompt: str, ctx_size: int,
+         threads: int | None, gpu_layers: int, concurrent: bool | None) -> EFT:
+    return EFT(base, tuned, reference, weight=weight, base_prompt=base_prompt, n_ctx=ctx_size,
+               n_threads=threads, n_gpu_layers=gpu_layers, concurrent=concurrent)
+
+
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop")
+
+
+def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a command's keyword arguments into model-loading and sampling ones."""
+    sampling = {k: kwargs.pop(k) for k in SAMPLING_NAMES}
+    sampling["stop"] = list(sampling["stop"])
+    return kwargs, sampling
+
+
+@click.group()
+@click.version_option(package_name="eft-local")
+def main() -> None:
+    """Emulated fine-tuning: sample a large base model steered by a small fine-tuned one.
+
+    log p = log p_base + weight * (log p_tuned - log p_reference), renormalised per token.
+    """
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@model_options
+@engine_options
+@sampling_options
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@handle_errors
+def generate(prompt: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
+    """Reply to PROMPT (read from standard input when omitted)."""
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT or pipe one on standard input")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    engine_kw, sample_kw = split_options(kwargs)
+    with load(**engine_kw) as eft:
+        chunks = eft.stream(prompt, raw=raw, **sample_kw)
+        if as_json:
+            result = collect(chunks)
+            click.echo(json.dumps(result, ensure_ascii=False))
+        else:
+            write_stream(chunks, sys.stdout)
+            click.echo()
+
+
+def collect(chunks: Iterable[Chunk]) -> dict[str, Any]:
+    """The ``--json`` object of a finished stream."""
+    text, tokens = [], []
+    for chunk in chunks:
+        text.append(chunk.text)
+        if chunk.token is not None:
+            tokens.append(chunk.token)
+        if chunk.finish_reason is not None:
+            return {"text": "".join(text), "tokens": tokens, "finish_reason": chunk.finish_reason, "stats": chunk.stats}
+    raise EFTError("generation ended without a result")
+
+
+def write_stream(chunks: Iterable[Chunk], out: TextIO) -> str:
+    """Print text pieces as they come; return the whole text."""
+    parts = []
+    for chunk in chunks:
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+            parts.append(chunk.text)
+    return "".join(parts)
+
+
+@main.command()
+@model_options
+@engine_options
+@sampling_options
+@click.option("--system", help="System message that starts the conversation.")
+@handle_errors
+def chat(system: str | None, **kwargs: Any) -> None:
+    """Chat in the terminal: /reset clears the conversation, /exit (or Ctrl-D) leaves.
+
+    Ctrl-C stops the reply in progress and keeps the conversation.
+    """
+    engine_kw, sample_kw = split_options(kwargs)
+    with load(**engine_kw) as eft:
+        chat_loop(eft, sample_kw, system=system)
+
+
+HELP = "commands: /reset clears the conversation, /exit leaves; Ctrl-C stops a reply"
+
+
+def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
+              read: Callable[[str], str] = input, out: TextIO | None = None) -> list[dict[str, str]]:
+    """Read a line, stream the reply, repeat. Returns the conversation when the user leaves.
+
+    ``eft`` only needs ``stream_chat(messages, **options)``, so this runs without models in tests.
+    """
+    out = out or sys.stdout
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    out.write(f"Chatting. {HELP}.\n")
+    while True:
+        try:
+            line = read(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return messages
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return messages
+        if text == "/reset":
+            messages = list(start)
+            out.write("(conversation cleared)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text.split()[0]}; {HELP}\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for chunk in eft.stream_chat(messages, **sample_kw):
+                if chunk.text:
+                    out.write(chunk.text)
+                    out.flush()
+                    reply.append(chunk.text)
+        except KeyboardInterrupt:
+            out.write(" (stopped)")
+        # The reply as shown, stopped or not, is what the next turn continues from.
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        out.write("\n")
+
+
+@main.command()
+@model_options
+@handle_errors
+def check(base: str, tuned: str, reference: str) -> None:
+    """Check that the three models share one vocabulary (reads headers only)."""
+    infos = {"base": read_vocab(base), "tuned": read_vocab(tuned), "reference": read_vocab(reference)}
+    for role, v in infos.items():
+        click.echo(
+            f"{role:<10} {v.path}\n"
+            f"{'':<10} {v.architecture}, {v.tokenizer_model} tokenizer, {v.n_vocab} tokens, "
+            f"bos {v.bos_id}, eos {v.eos_id}, add_bos {v.add_bos}, "
+            f"chat template {'yes' if v.chat_template else 'no'}"
+        )
+    report = check_vocabularies(infos)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if not infos["tuned"].chat_template:
+        click.echo("note: the tuned model has no chat template; chats use a plain transcript")
+    click.echo(f"compatible: {report.n_shared} shared token ids")

@@ -1,0 +1,53 @@
+"""The EFT combination, as pure NumPy functions on one position's logits.
+
+    logp = log_softmax(base) + sum_i w_i * (log_softmax(tuned_i) - log_softmax(ref_i)),
+    renormalised with log_softmax.
+
+Computed in float64: log-softmaxing float32 logits in float32 can round two distinct logits to
+the same value and change a greedy argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities of logits ``x`` (float64; -inf entries stay -inf)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x)
+    if not np.isfinite(m):
+        raise ValueError("logits have no finite maximum")
+    shifted = x - m
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def eft_logprobs(
+    base: np.ndarray,
+    deltas: Sequence[tuple[np.ndarray, np.ndarray, float]],
+    n_shared: int,
+) -> np.ndarray:
+    """Combined next-token log-probabilities over the shared ids ``[0, n_shared)``.
+
+    ``base`` and every ``(tuned, reference, weight)`` are log-probabilities (or raw logits:
+    each model's constant cancels in the final renormalisation). Each array may be longer
+    than ``n_shared`` (padded vocabularies); ids past it are not part of the result.
+
+    A token that a model with non-zero weight rules out (-inf) stays ruled out, so two -inf
+    values are never subtracted.
+    """
+    total = np.array(base[:n_shared], dtype=np.float64)
+    for tuned, ref, weight in deltas:
+        if weight == 0:
+            continue
+        t = tuned[:n_shared]
+        r = ref[:n_shared]
+        with np.errstate(invalid="ignore"):
+            total += weight * np.subtract(t, r, dtype=np.float64)
+        impossible = np.isneginf(t) | np.isneginf(r)
+        if impossible.any():
+            total[impossible] = -np.inf
+    return log_softmax(total)
+

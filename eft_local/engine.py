@@ -1,0 +1,316 @@
+"""The EFT step loop over three llama.cpp models: prefill, combine, sample, append, stop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .backend import Backend
+from .combine import eft_logprobs, log_softmax
+from .errors import EFTError
+from .prompt import Message, chat_tokens, check_messages, plain_transcript, raw_tokens
+from .sampling import Sampler
+from .textstream import TextStream
+from .vocab import VocabReport, check_vocabularies, read_vocab
+
+ROLES = ("base", "tuned", "reference")
+BASE_PROMPTS = ("same", "plain")
+DEFAULT_CTX = 4096
+# Measured on 2 cores (see README): three small models decode faster one after another,
+# each with every core, than side by side in threads.
+DEFAULT_CONCURRENT = False
+
+
+@dataclass
+class Chunk:
+    """One step of a stream: the text that became safe to show and the token sampled.
+
+    The last chunk has ``token`` None, a ``finish_reason`` ("stop" or "length") and ``stats``.
+    """
+
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None
+    stats: dict[str, Any] | None = None
+
+
+@dataclass
+class Completion:
+    """A finished generation."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class EFT:
+    """Three GGUF models sampled as one: ``base + weight * (tuned - reference)``, per token.
+
+    Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. One
+    instance serves one conversation at a time; each model keeps its KV cache between calls,
+    so a new request only evaluates the tokens after the longest common prefix.
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike,
+        tuned: str | os.PathLike,
+        reference: str | os.PathLike,
+        *,
+        weight: float = 1.0,
+        n_ctx: int = DEFAULT_CTX,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        concurrent: bool | None = None,
+        base_prompt: str = "same",
+    ):
+        if base_prompt not in BASE_PROMPTS:
+            raise EFTError(f"base_prompt must be one of {BASE_PROMPTS}, got {base_prompt!r}")
+        if not np.isfinite(weight):
+            raise EFTError(f"weight must be a finite number, got {weight}")
+        if n_ctx < 8:
+            raise EFTError(f"context size must be at least 8 tokens, got {n_ctx}")
+        self.weight = float(weight)
+        self.base_prompt = base_prompt
+        paths = {"base": os.fspath(base), "tuned": os.fspath(tuned), "reference": os.fspath(reference)}
+        # The check reads only GGUF headers, so a bad set fails before any weights load.
+        self.vocabs = {role: read_vocab(p) for role, p in paths.items()}
+        self.report: VocabReport = check_vocabularies(self.vocabs)
+        self.n_shared = self.report.n_shared
+        self.chat_template = self.vocabs["tuned"].chat_template
+
+        # A file given in two roles that sees the same prompt is loaded and evaluated once.
+        views = {role: self._view(role) for role in ROLES}
+        keys = {role: (os.path.realpath(paths[role]), views[role]) for role in ROLES}
+        unique = list(dict.fromkeys(keys.values()))
+        self.concurrent = DEFAULT_CONCURRENT if concurrent is None else bool(concurrent)
+        cores = os.cpu_count() or 1
+        threads = n_threads or (max(1, cores // len(unique)) if self.concurrent else cores)
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self.models: dict[str, Backend] = {}
+        try:
+            for role in ROLES:
+                if keys[role] not in self._backends:
+                    ctx = min(n_ctx, self.vocabs[role].context_length or n_ctx)
+                    self._backends[keys[role]] = Backend(
+                        paths[role], n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers
+                    )
+                self.models[role] = self._backends[keys[role]]
+        except BaseException:
+            self.close()
+            raise
+        for role, model in self.models.items():
+            if model.n_vocab != self.vocabs[role].n_vocab:
+                raise EFTError(f"{paths[role]}: llama.cpp reports {model.n_vocab} tokens, the GGUF lists {self.vocabs[role].n_vocab}")
+        self.n_threads = threads
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
+            if self.concurrent and len(unique) > 1
+            else None
+        )
+
+    def _view(self, role: str) -> str:
+        return "plain" if self.base_prompt == "plain" and role != "tuned" else "chat"
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every llama.cpp context and model."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._pool = None
+        for model in self._backends.values():
+            model.close()
+        self._backends.clear()
+
+    def __enter__(self) -> "EFT":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def backends(self) -> list[Backend]:
+        """The distinct loaded models (a file in two roles with one view counts once)."""
+        return list(self._backends.values())
+
+    @property
+    def n_ctx(self) -> int:
+        return min(b.n_ctx for b in self.backends)
+
+    # --- the step --------------------------------------------------------------------------
+
+    def _run(self, work: Callable[[Backend], object]) -> None:
+        """Run ``work`` on every distinct model, in threads when concurrent."""
+        if self._pool is None:
+            for b in self.backends:
+                work(b)
+            return
+        futures = [self._pool.submit(work, b) for b in self.backends]
+        try:
+            concurrent.futures.wait(futures)
+        except KeyboardInterrupt:
+            # Let in-flight decodes finish so each cache still matches its token list.
+            concurrent.futures.wait(futures)
+            raise
+        for f in futures:
+            f.result()
+
+    def _combined(self) -> np.ndarray:
+        """Combined log-probabilities at every model's last evaluated position."""
+        logp = {b: log_softmax(b.logits()) for b in self.backends}
+        m = self.models
+        return eft_logprobs(
+            logp[m["base"]],
+            [(logp[m["tuned"]], logp[m["reference"]], self.weight)],
+            self.n_shared,
+        )
+
+    def next_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """Combined next-token log-probabilities after ``tokens`` (all models see the same ids).
+
+        Returns an array over the shared vocabulary ``[0, n_shared)``.
+        """
+        tokens = [int(t) for t in tokens]
+        self._check_tokens(tokens)
+        self._run(lambda b: b.sync(tokens))
+        return self._combined()
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        if not tokens:
+            raise EFTError("no tokens to evaluate")
+        bad = [t for t in tokens if not 0 <= t < self.n_shared]
+        if bad:
+            raise EFTError(f"token id {bad[0]} is outside the shared vocabulary [0, {self.n_shared})")
+        if len(tokens) >= self.n_ctx:
+            raise EFTError(f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; raise --ctx-size")
+
+    # --- prompts ---------------------------------------------------------------------------
+
+    def prompt_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None, raw: bool = False) -> dict[str, list[int]]:
+        """The token ids each role sees for a prompt (raw text) or a chat (messages)."""
+        if (prompt is None) == (messages is None):
+            raise EFTError("give either a prompt or messages")
+        if raw and prompt is None:
+            raise EFTError("raw mode takes a prompt string, not messages")
+        if messages is None:
+            messages = [{"role": "user", "content": prompt}]
+        check_messages(messages)
+        tuned = self.models["tuned"]
+        if raw:
+            shared = raw_tokens(tuned, prompt)
+        else:
+            shared = chat_tokens(tuned, self.chat_template, messages)
+        out = {}
+        for role in ROLES:
+            if self._view(role) == "plain" and not raw:
+                out[role] = raw_tokens(self.models[role], plain_transcript(messages))
+            else:
+                out[role] = shared
+        return out
+
+    # --- generation ------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        raw: bool = False,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        seed: int | None = None,
+    ) -> Iterator[Chunk]:
+        """Generate a reply piece by piece.
+
+        ``prompt`` is rendered as one user message with the tuned model's chat template,
+        unless ``raw``; ``messages`` is a whole chat. Stops at the tuned model's
+        end-of-generation tokens, at a ``stop`` string (never included in the text), or after
+        ``max_tokens``.
+        """
+        try:
+            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        except ValueError as e:
+            raise EFTError(str(e)) from None
+        if max_tokens < 1:
+            raise EFTError(f"max_tokens must be at least 1, got {max_tokens}")
+        by_role = self.prompt_tokens(prompt, messages=messages, raw=raw)
+        for toks in by_role.values():
+            self._check_tokens(toks)
+        prompts = {self.models[role]: toks for role, toks in by_role.items()}
+        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop)
+
+    def _loop(
+        self,
+        prompts: dict[Backend, list[int]],
+        sampler: Sampler,
+        rng: np.random.Generator,
+        max_tokens: int,
+        stop: Sequence[str],
+    ) -> Iterator[Chunk]:
+        """The EFT loop: prefill every model, then combine, sample, append until a stop."""
+        tuned = self.models["tuned"]
+        text = TextStream(stop)
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        evaluated = tuned.n_evaluated
+        self._run(lambda b: b.sync(prompts[b]))
+        prompt_eval = tuned.n_evaluated - evaluated
+        t1 = time.perf_counter()
+        finish = "length"
+        while True:
+            token = sampler.sample(self._combined(), rng)
+            if tuned.is_eog(token):
+                finish = "stop"
+                break
+            tokens.append(token)
+            piece = text.feed(tuned.piece(token))
+            yield Chunk(piece, token)
+            if text.stopped:
+                finish = "stop"
+                break
+            if len(tokens) >= max_tokens or any(len(b.tokens) >= b.n_ctx for b in self.backends):
+                break
+            self._run(lambda b: b.eval([token]))
+        tail = text.flush()
+        t2 = time.perf_counter()
+        stats = {
+            "prompt_tokens": len(prompts[tuned]),
+            # Fewer than prompt_tokens when the models' caches already held the start.
+            "prompt_eval_tokens": prompt_eval,
+            "generated_tokens": len(tokens),
+            "prompt_seconds": round(t1 - t0, 4),
+            "generate_seconds": round(t2 - t1, 4),
+            "tokens_per_second": round(len(tokens) / (t2 - t1), 2) if tokens and t2 > t1 else 0.0,
+        }
+        yield Chunk(tail, None, finish, stats)
+
+    def generate(self, prompt: str | None = None, **options: Any) -> Completion:
+        """Generate a whole reply; takes the same arguments as ``stream``."""
+        text, tokens = [], []
+        for chunk in self.stream(prompt, **options):
+            text.append(chunk.text)
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+            if chunk.finish_reason is not None:
+                return Completion("".join(text), tokens, chunk.finish_reason, chunk.stats or {})
+        raise AssertionError("stream ended without a finish chunk")
+
+    def chat(self, messages: Sequence[Message], **options: Any) -> Completion:
+        """Reply to a chat (a list of {"role", "content"} messages)."""
+        return self.generate(messages=messages, **options)
+
+    def stream_chat(self, messages: Sequence[Message], **options: Any) -> Iterator[Chunk]:
+        """Stream a reply to a chat."""
+        return self.stream(messages=messages, **options)

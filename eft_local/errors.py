@@ -1,0 +1,8 @@
+"""The one exception type the library raises for problems a user can fix."""
+
+
+class EFTError(Exception):
+    """A user-facing error: bad input, incompatible models, a prompt that does not fit.
+
+    The message is one line that says what is wrong; the CLI prints it as ``error: ...``.
+    """

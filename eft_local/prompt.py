@@ -1,0 +1,66 @@
+"""What each model sees: chat-template rendering, raw text, and a plain-text transcript.
+
+Default (the EFT paper): every model gets the same token ids, rendered with the tuned model's
+chat template. ``base_prompt="plain"`` (proxy-tuning) gives the pre-trained models a plain
+transcript instead; only the generated continuation is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .backend import Backend
+from .errors import EFTError
+
+Message = Mapping[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """Raise EFTError unless ``messages`` is a non-empty list of {role, content} dicts."""
+    if not messages:
+        raise EFTError("no messages to respond to")
+    for m in messages:
+        if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise EFTError(f"each message needs a role in {ROLES} and a string content, got {m!r}")
+
+
+def render_chat(template: str, messages: Sequence[Message], *, bos: str, eos: str) -> str:
+    """Render ``messages`` with a GGUF chat template, ready for the assistant's reply."""
+    formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+    try:
+        return formatter(messages=[dict(m) for m in messages]).prompt
+    except Exception as e:  # template errors come from user-supplied GGUF files
+        raise EFTError(f"chat template failed to render: {e}") from None
+
+
+def plain_transcript(messages: Sequence[Message]) -> str:
+    """A chat as plain text that a pre-trained model can continue as the assistant."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    lines = [f"{names[m['role']]}: {m['content']}" for m in messages]
+    return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+def chat_tokens(model: Backend, template: str | None, messages: Sequence[Message]) -> list[int]:
+    """Tokens for a chat turn, as llama-cpp-python's create_chat_completion builds them.
+
+    The template writes BOS itself, so none is added; special tokens in it are parsed. A
+    model without a template gets the plain transcript.
+    """
+    if template is None:
+        return raw_tokens(model, plain_transcript(messages))
+    def text_of(token: int) -> str:
+        return model.token_text(token) if token >= 0 else ""
+
+    text = render_chat(template, messages, bos=text_of(model.bos_id), eos=text_of(model.eos_id))
+    return model.tokenize(text, add_bos=False, special=True)
+
+
+def raw_tokens(model: Backend, text: str) -> list[int]:
+    """Tokens for raw text, as llama-cpp-python's create_completion builds them (model's BOS rule)."""
+    tokens = model.tokenize(text, add_bos=True, special=True)
+    if not tokens:
+        raise EFTError("the prompt is empty")
+    return tokens
