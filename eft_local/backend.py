@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from typing import Sequence
 
 import llama_cpp
@@ -17,6 +18,17 @@ from .errors import EFTError
 
 # A piece longer than this comes back as a negative length and is retried with a larger buffer.
 _PIECE_BUF = 256
+
+
+@llama_cpp.llama_log_callback
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs some notices even with verbose=False; a chat in a terminal should not
+    # show them. EFT_LOCAL_DEBUG=1 brings them back.
+    if os.environ.get("EFT_LOCAL_DEBUG"):
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -110,7 +110,7 @@ class EFT:
                 raise EFTError(f"{paths[role]}: llama.cpp reports {model.n_vocab} tokens, the GGUF lists {self.vocabs[role].n_vocab}")
         self.n_threads = threads
         self._pool = (
-            concurrent.futures.ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
+            ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
             if self.concurrent and len(unique) > 1
             else None
         )
@@ -155,10 +155,10 @@ class EFT:
             return
         futures = [self._pool.submit(work, b) for b in self.backends]
         try:
-            concurrent.futures.wait(futures)
+            wait(futures)
         except KeyboardInterrupt:
             # Let in-flight decodes finish so each cache still matches its token list.
-            concurrent.futures.wait(futures)
+            wait(futures)
             raise
         for f in futures:
             f.result()

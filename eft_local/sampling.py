@@ -37,13 +37,15 @@ def apply_top_p(logp: np.ndarray, p: float) -> np.ndarray:
     vals = logp[ids]
     probs = np.exp(vals - vals.max())
     probs /= probs.sum()
+    # exp/log rounding can leave a prefix that sums to p exactly (0.5 + 0.3 for p = 0.8) an ulp short.
+    target = p * (1 - 1e-9)
     if len(ids) > _TOP_P_PREFIX:
         head = np.argpartition(-vals, _TOP_P_PREFIX - 1)[:_TOP_P_PREFIX]
-        if probs[head].sum() >= p:
+        if probs[head].sum() >= target:
             ids, vals, probs = ids[head], vals[head], probs[head]
     order = np.argsort(-vals, kind="stable")
     cum = np.cumsum(probs[order])
-    n_keep = int(np.searchsorted(cum, p, side="left")) + 1
+    n_keep = int(np.searchsorted(cum, target, side="left")) + 1
     keep = ids[order[:n_keep]]
     out = np.full_like(logp, -np.inf)
     out[keep] = logp[keep]

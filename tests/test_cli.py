@@ -1,0 +1,505 @@
+"""The ``eft-local`` command line: generate, check, chat, and how bad input is reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from eft_local.cli import chat_loop, main
+from eft_local.engine import EFT, Chunk
+from tiny_gguf import ALT_DIFF_ID, ALT_DIFF_TEXT, BASE_DIFF_TEXT, N_VOCAB_BASE
+
+EFT_LOCAL = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "eft-local"
+GREEDY = ["--temperature", "0", "-n", "12"]
+PROMPT = "Hello world"
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    # The debug switch turns unexpected errors back into tracebacks; these tests check the default.
+    monkeypatch.delenv("EFT_LOCAL_DEBUG", raising=False)
+
+
+def models(tiny, base="base", tuned="tuned", reference="reference") -> list[str]:
+    """The three model options; each role names a key of ``tiny`` or is a path."""
+
+    def path(x):
+        return str(tiny[x]) if x in tiny else str(x)
+
+    return ["-b", path(base), "-t", path(tuned), "-r", path(reference)]
+
+
+# One thread per model: with all cores each, llama.cpp's spinning threads make runs crawl
+# when other processes share the machine.
+THREADS = ["--threads", "1"]
+
+
+def invoke(args: list[str], input: str | None = None) -> Result:
+    if args and args[0] in ("generate", "chat"):
+        args = [*args, *THREADS]
+    return CliRunner().invoke(main, args, input=input)
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def assert_error_line(result: Result) -> str:
+    """Exit status 1, one ``error: ...`` line on stderr, no traceback; returns the line."""
+    # CliRunner swallows uncaught exceptions into result.exception (exit code 1 too), so a
+    # clean exit is proved by the exception being the SystemExit that fail() raises.
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def generate_json(tiny, *args: str, prompt: str = PROMPT, **roles: str) -> dict:
+    result = ok(invoke(["generate", prompt, *models(tiny, **roles), "--json", *args]))
+    return json.loads(result.stdout)
+
+
+# --- generate ------------------------------------------------------------------------------
+
+
+def test_generate_greedy_is_deterministic(tiny):
+    """Greedy generation prints text and repeats itself exactly."""
+    first = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY]))
+    second = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY]))
+    assert first.stdout.strip()
+    assert first.stdout.endswith("\n")
+    assert first.stdout == second.stdout
+    assert first.stderr == ""
+
+
+def test_generate_json_matches_stream(tiny):
+    """--json prints one object whose text is what streaming prints."""
+    result = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY, "--json"]))
+    assert len(result.stdout.strip().splitlines()) == 1
+    obj = json.loads(result.stdout)
+    assert set(obj) == {"text", "tokens", "finish_reason", "stats"}
+    assert obj["finish_reason"] in {"stop", "length"}
+    stats = obj["stats"]
+    assert {"prompt_tokens", "generated_tokens", "tokens_per_second"} <= set(stats)
+    assert len(obj["tokens"]) == stats["generated_tokens"] <= 12
+    assert stats["prompt_tokens"] > 0
+    assert all(isinstance(t, int) and 0 <= t < N_VOCAB_BASE for t in obj["tokens"])
+    if obj["finish_reason"] == "length":
+        assert stats["generated_tokens"] == 12
+
+    streamed = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY]))
+    assert streamed.stdout == obj["text"] + "\n"
+
+
+def test_generate_seed_reproducible_and_seeds_differ(tiny):
+    """The same seed repeats a sampled output; different seeds do not all agree."""
+    sampled = ["--temperature", "0.9", "-n", "12"]
+    a = generate_json(tiny, *sampled, "--seed", "7")
+    b = generate_json(tiny, *sampled, "--seed", "7")
+    assert (a["text"], a["tokens"]) == (b["text"], b["tokens"])
+    outputs = {tuple(generate_json(tiny, *sampled, "--seed", str(s))["tokens"]) for s in range(1, 6)}
+    assert len(outputs) >= 2
+
+
+def test_generate_raw_differs_from_chat(tiny):
+    """--raw skips the chat template, so the model sees fewer tokens."""
+    chat = generate_json(tiny, *GREEDY)
+    raw = generate_json(tiny, *GREEDY, "--raw")
+    assert raw["tokens"]
+    assert raw["stats"]["prompt_tokens"] < chat["stats"]["prompt_tokens"]
+
+
+def test_generate_weight_zero_ignores_tuned_pair(tiny):
+    """--weight 0 samples the base model alone: swapping tuned and reference changes nothing."""
+    plain = generate_json(tiny, *GREEDY, "--weight", "0")
+    swapped = generate_json(tiny, *GREEDY, "--weight", "0", tuned="reference", reference="tuned")
+    assert plain["tokens"]
+    assert plain["tokens"] == swapped["tokens"]
+    # With the delta switched on, the swap does matter (otherwise the check above proves nothing).
+    assert generate_json(tiny, *GREEDY)["tokens"] != generate_json(
+        tiny, *GREEDY, tuned="reference", reference="tuned")["tokens"]
+
+
+def test_generate_stop_string(tiny):
+    """Output ends right before the first occurrence of a --stop string, which is not printed."""
+    text = generate_json(tiny, *GREEDY)["text"]
+    mid = len(text) // 2
+    stop = next(text[i:i + 2] for i in range(mid, len(text) - 1) if text[i:i + 2].strip())
+    expected = text[: text.find(stop)]
+    assert expected, "stop string should not be at the very start"
+
+    result = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY, "--stop", stop]))
+    assert result.stdout == expected + "\n"
+    assert stop not in result.stdout
+    obj = generate_json(tiny, *GREEDY, "--stop", stop)
+    assert obj["text"] == expected
+    assert obj["finish_reason"] == "stop"
+
+
+def test_generate_prompt_from_stdin(tiny):
+    """Without a PROMPT argument the prompt is read from standard input."""
+    piped = ok(invoke(["generate", *models(tiny), *GREEDY], input=PROMPT))
+    given = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY]))
+    assert piped.stdout.strip()
+    assert piped.stdout == given.stdout
+
+
+def test_generate_with_padded_base_and_no_template(tiny):
+    """A padded base and a tuned model without a chat template still generate."""
+    obj = generate_json(tiny, *GREEDY, base="padded", tuned="no_template")
+    assert obj["tokens"]
+    # Padding ids lie outside the shared vocabulary and are never sampled.
+    assert all(t < N_VOCAB_BASE for t in obj["tokens"])
+
+
+def test_generate_concurrent(tiny):
+    """--concurrent runs the models in threads and gives the same greedy output."""
+    sequential = generate_json(tiny, *GREEDY)
+    threaded = generate_json(tiny, *GREEDY, "--concurrent")
+    assert threaded["tokens"] == sequential["tokens"]
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+def test_check_compatible(tiny):
+    result = ok(invoke(["check", *models(tiny)]))
+    assert f"compatible: {N_VOCAB_BASE} shared token ids" in result.stdout
+    for role in ("base", "tuned", "reference"):
+        assert str(tiny[role]) in result.stdout
+    assert result.stderr == ""
+
+
+def test_check_padded_base(tiny):
+    """Trailing padding ids are not an incompatibility; the shared range is the real vocabulary."""
+    result = ok(invoke(["check", *models(tiny, base="padded")]))
+    assert f"compatible: {N_VOCAB_BASE} shared token ids" in result.stdout
+    assert "padding" in result.stdout
+
+
+def test_check_no_template_note(tiny):
+    result = ok(invoke(["check", *models(tiny, tuned="no_template")]))
+    assert "no chat template" in result.stdout
+    assert "compatible:" in result.stdout
+
+
+def test_check_incompatible(tiny):
+    """A vocabulary differing at one id fails with a message naming files, id and texts."""
+    result = invoke(["check", *models(tiny, tuned="alt")])
+    line = assert_error_line(result)
+    assert str(tiny["base"]) in line and str(tiny["alt"]) in line
+    assert str(ALT_DIFF_ID) in line
+    assert BASE_DIFF_TEXT in line and ALT_DIFF_TEXT in line
+    # The per-model report comes before the verdict, so it is still shown.
+    assert str(tiny["alt"]) in result.stdout
+    assert "llama tokenizer" in result.stdout
+    assert "compatible:" not in result.stdout
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bad_files(tiny, tmp_path) -> dict[str, tuple[Path, str]]:
+    """Broken model files and the words their error message must contain."""
+    text = tmp_path / "notes.gguf"
+    text.write_text("this is not a model\n")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(Path(tiny["tuned"]).read_bytes()[:100])
+    return {
+        "missing": (tmp_path / "missing.gguf", "not found"),
+        "text": (text, "not a GGUF file"),
+        "empty": (empty, "not a GGUF file"),
+        "truncated": (truncated, "truncated"),
+    }
+
+
+@pytest.mark.parametrize("command", ["generate", "check"])
+@pytest.mark.parametrize("kind", ["missing", "text", "empty", "truncated"])
+def test_bad_model_file(tiny, bad_files, command, kind):
+    path, words = bad_files[kind]
+    args = [command, *([PROMPT] if command == "generate" else []), *models(tiny, tuned=path)]
+    line = assert_error_line(invoke(args))
+    assert words in line
+    assert str(path) in line
+
+
+def test_truncated_weights(tiny, tmp_path):
+    """Intact metadata but cut-off tensor data fails when llama.cpp loads the file."""
+    cut = tmp_path / "cut.gguf"
+    data = Path(tiny["tuned"]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    line = assert_error_line(invoke(["generate", PROMPT, *models(tiny, tuned=cut)]))
+    assert "cannot load" in line and str(cut) in line
+
+
+def test_generate_incompatible_vocabularies(tiny):
+    line = assert_error_line(invoke(["generate", PROMPT, *models(tiny, reference="alt"), *GREEDY]))
+    assert "incompatible vocabularies" in line
+    assert str(ALT_DIFF_ID) in line
+
+
+def test_prompt_longer_than_context(tiny):
+    """A prompt that does not fit names both sizes and the option to raise."""
+    prompt = " ".join(["the capital of France is Paris and the dog is a cat"] * 40)
+    line = assert_error_line(invoke(["generate", prompt, *models(tiny), "--ctx-size", "256", *GREEDY]))
+    m = re.search(r"prompt has (\d+) tokens but the context holds (\d+)", line)
+    assert m, line
+    n_prompt, n_ctx = int(m[1]), int(m[2])
+    # llama.cpp may round a small context up, so only the ordering is fixed.
+    assert n_prompt > n_ctx >= 256
+    assert "--ctx-size" in line
+
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--top-p", "1.5", "top_p"),
+        ("--temperature", "-1", "temperature"),
+        ("--min-p", "2", "min_p"),
+        ("--top-k", "-3", "top_k"),
+        ("-n", "0", "max_tokens"),
+        ("--weight", "nan", "weight"),
+        ("--ctx-size", "4", "context size"),
+    ],
+)
+def test_invalid_values(tiny, option, value, words):
+    line = assert_error_line(invoke(["generate", PROMPT, *models(tiny), option, value]))
+    assert words in line
+
+
+def test_missing_required_option(tiny):
+    result = invoke(["generate", PROMPT, "-t", str(tiny["tuned"]), "-r", str(tiny["reference"])])
+    assert result.exit_code == 2
+    assert "--base" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_non_numeric_temperature(tiny):
+    result = invoke(["generate", PROMPT, *models(tiny), "--temperature", "hot"])
+    assert result.exit_code == 2
+    assert "--temperature" in result.stderr
+
+
+@pytest.mark.parametrize("prompt, stdin", [(" \n ", None), (None, "")])
+def test_empty_prompt(tiny, prompt, stdin):
+    """A blank argument or empty standard input is a usage error."""
+    args = ["generate", *([prompt] if prompt is not None else []), *models(tiny)]
+    result = invoke(args, input=stdin)
+    assert result.exit_code == 2
+    assert "prompt is empty" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["incompatible", "truncated_weights"])
+def test_subprocess_error_has_no_traceback(tiny, tmp_path, case):
+    """In a real process the failure is one stderr line and exit status 1."""
+    if case == "incompatible":
+        args = models(tiny, tuned="alt")
+    else:
+        cut = tmp_path / "cut.gguf"
+        cut.write_bytes(Path(tiny["tuned"]).read_bytes()[:300_000])
+        args = models(tiny, tuned=cut)
+    env = {k: v for k, v in os.environ.items() if k != "EFT_LOCAL_DEBUG"}
+    proc = subprocess.run([str(EFT_LOCAL), "generate", PROMPT, *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # Also no llama.cpp log lines: the C library's stderr is part of the terminal too.
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_subprocess_ctrl_c_at_chat_prompt(tiny):
+    """SIGINT while chat waits for input leaves quietly with status 0."""
+    env = {k: v for k, v in os.environ.items() if k != "EFT_LOCAL_DEBUG"}
+    proc = subprocess.Popen([str(EFT_LOCAL), "chat", *models(tiny), *THREADS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        seen = b""
+        # input() flushes its prompt, so ">>> " shows up once the models are loaded.
+        while not seen.endswith(b">>> "):
+            byte = os.read(proc.stdout.fileno(), 1)
+            assert byte, seen
+            seen += byte
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in out + err
+    assert err == b""
+
+
+# --- chat loop without models --------------------------------------------------------------
+
+
+class FakeEFT:
+    """Replays queued replies; a KeyboardInterrupt class in a reply is raised at that point."""
+
+    def __init__(self, *replies):
+        self.replies = list(replies)
+        self.calls: list[tuple[list[dict], dict]] = []
+
+    def stream_chat(self, messages, **kw):
+        # Copied: the loop appends to the same list after the call.
+        self.calls.append(([dict(m) for m in messages], kw))
+        pieces = self.replies.pop(0)
+
+        def chunks():
+            for i, piece in enumerate(pieces):
+                if piece is KeyboardInterrupt:
+                    raise KeyboardInterrupt
+                yield Chunk(piece, 100 + i)
+            yield Chunk("", None, "stop", {"generated_tokens": len(pieces)})
+
+        return chunks()
+
+
+def script(*lines):
+    """A ``read`` function: returns lines in order, raises exception classes, then EOF."""
+    queue = list(lines)
+    prompts = []
+
+    def read(prompt):
+        prompts.append(prompt)
+        if not queue:
+            raise EOFError
+        item = queue.pop(0)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    read.prompts = prompts
+    return read
+
+
+SAMPLE_KW = {"temperature": 0.0, "max_tokens": 8, "stop": []}
+
+
+def run_loop(eft, read, system=None):
+    """chat_loop with captured output; an escaping Ctrl-C fails the test, not the whole run."""
+    out = io.StringIO()
+    try:
+        conv = chat_loop(eft, SAMPLE_KW, system=system, read=read, out=out)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped chat_loop")
+    return conv, out.getvalue()
+
+
+def test_chat_loop_two_turns():
+    eft = FakeEFT(["Hi", " there"], ["Fine"])
+    read = script("Hello", "How are you?", "/exit")
+    conv, out = run_loop(eft, read, system="Be brief.")
+    assert conv == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "Fine"},
+    ]
+    assert len(eft.calls) == 2
+    assert eft.calls[0][0] == conv[:2]
+    # The second turn sees the whole first exchange.
+    assert eft.calls[1][0] == conv[:4]
+    assert all(kw == SAMPLE_KW for _, kw in eft.calls)
+    assert read.prompts == [">>> "] * 3
+    assert "Hi there\n" in out and "Fine\n" in out
+
+
+def test_chat_loop_reset_keeps_system():
+    eft = FakeEFT(["one"], ["two"])
+    conv, out = run_loop(eft, script("first", "/reset", "second", "/exit"), system="sys")
+    assert "(conversation cleared)" in out
+    assert eft.calls[1][0] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "second"}]
+    assert conv == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "two"},
+    ]
+
+
+def test_chat_loop_unknown_command_and_blank_line():
+    eft = FakeEFT()
+    conv, out = run_loop(eft, script("/foo bar", "   ", "/exit"))
+    assert eft.calls == []
+    assert conv == []
+    assert "unknown command /foo;" in out
+    assert "/exit" in out.split("unknown command", 1)[1]
+
+
+@pytest.mark.parametrize("end", [EOFError, KeyboardInterrupt])
+def test_chat_loop_eof_and_ctrl_c_at_prompt(end):
+    """Ctrl-D or Ctrl-C at the prompt ends the loop and returns the conversation so far."""
+    eft = FakeEFT(["ok"], ["never"])
+    read = script("hi", end, "not read")
+    conv, out = run_loop(eft, read)
+    assert conv == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    assert len(eft.calls) == 1
+    assert len(read.prompts) == 2
+    assert out.endswith("\n")
+
+
+def test_chat_loop_ctrl_c_during_reply():
+    """Ctrl-C mid-reply stops it, keeps the partial text and continues with the next input."""
+    eft = FakeEFT(["Hel", "lo", KeyboardInterrupt, " never"], ["again"])
+    conv, text = run_loop(eft, script("hi", "more", "/exit"))
+    assert "Hello (stopped)\n" in text
+    assert "never" not in text
+    assert conv[1] == {"role": "assistant", "content": "Hello"}
+    assert eft.calls[1][0] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "more"},
+    ]
+    assert conv[-1] == {"role": "assistant", "content": "again"}
+
+
+# --- chat with the tiny models -------------------------------------------------------------
+
+
+def test_chat_command_end_to_end(tiny):
+    result = ok(invoke(["chat", *models(tiny), "--temperature", "0", "-n", "8"],
+                       input="Hello there\nHow are you?\n/exit\n"))
+    assert result.stdout.count(">>> ") == 3
+    assert "Traceback" not in result.output
+    # The first turn is a single user message, exactly what generate sends for a prompt.
+    first = ok(invoke(["generate", "Hello there", *models(tiny), "--temperature", "0", "-n", "8"]))
+    assert first.stdout.strip()
+    assert ">>> " + first.stdout in result.stdout
+
+
+def test_chat_reuses_cache_in_second_turn(tiny):
+    """Turn 2 only evaluates the tokens after what turn 1 left in the caches."""
+    opts = {"temperature": 0, "max_tokens": 8}
+
+    def turn(eft, messages):
+        chunks = list(eft.stream_chat(messages, **opts))
+        return "".join(c.text for c in chunks), chunks[-1].stats
+
+    with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=512, n_threads=1) as eft:
+        messages = [{"role": "user", "content": "Hello there"}]
+        reply, stats1 = turn(eft, messages)
+        assert stats1["prompt_eval_tokens"] == stats1["prompt_tokens"]
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "How are you?"}]
+        _, stats2 = turn(eft, messages)
+    assert stats2["prompt_tokens"] > stats1["prompt_tokens"]
+    assert 0 < stats2["prompt_eval_tokens"] < stats2["prompt_tokens"]
+    # At least the whole first prompt came from the cache.
+    assert stats2["prompt_eval_tokens"] <= stats2["prompt_tokens"] - stats1["prompt_tokens"] + 1
