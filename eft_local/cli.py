@@ -38,12 +38,34 @@ def handle_errors(f: Callable) -> Callable:
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except BrokenPipeError:
+            # The reader went away (eft-local ... | head): stop quietly, as Unix tools do, and
+            # point stdout at devnull so the flush at interpreter exit cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the CLI promises no tracebacks
             if os.environ.get(DEBUG_ENV):
                 raise
             fail(f"{type(e).__name__}: {e}")
 
     return wrapper
+
+
+class PerRole(click.ParamType):
+    """An integer for every model, or ``role=N`` pairs separated by commas."""
+
+    name = "N|ROLE=N,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | dict[str, int]:
+        if isinstance(value, (int, dict)):
+            return value
+        try:
+            if "=" not in value:
+                return int(value)
+            pairs = (item.split("=", 1) for item in value.split(","))
+            return {role.strip(): int(n) for role, n in pairs}
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or a list like base=-1,tuned=0", param, ctx)
 
 
 def model_options(f: Callable) -> Callable:
@@ -66,8 +88,8 @@ def engine_options(f: Callable) -> Callable:
             click.option("--weight", "-w", type=float, default=1.0, show_default=True, help="Weight of the fine-tuning delta (0: base model alone)."),
             click.option("--base-prompt", type=click.Choice(BASE_PROMPTS), default="same", show_default=True, help="same: every model sees the chat template; plain: base and reference see a plain transcript."),
             click.option("--ctx-size", "-c", type=int, default=DEFAULT_CTX, show_default=True, help="Context size per model (capped at each model's trained length)."),
-            click.option("--threads", type=int, default=None, help="CPU threads per model [default: all cores, split when concurrent]."),
-            click.option("--gpu-layers", "-ngl", type=int, default=0, show_default=True, help="Layers to offload to the GPU per model (-1: all)."),
+            click.option("--threads", type=PerRole(), default=None, help="CPU threads per model, or per role: base=2,tuned=1 [default: all cores, split when concurrent]."),
+            click.option("--gpu-layers", "-ngl", type=PerRole(), default="0", show_default=True, help="Layers to offload to the GPU per model (-1: all), or per role: base=-1,tuned=0."),
             click.option("--concurrent/--sequential", default=None, help="Run the three forward passes in threads or one after another [default: sequential]."),
         ]
     ):
@@ -93,7 +115,7 @@ def sampling_options(f: Callable) -> Callable:
 
 
 def load(base: str, tuned: str, reference: str, weight: float, base_prompt: str, ctx_size: int,
-         threads: int | None, gpu_layers: int, concurrent: bool | None) -> EFT:
+         threads: int | dict[str, int] | None, gpu_layers: int | dict[str, int], concurrent: bool | None) -> EFT:
     return EFT(base, tuned, reference, weight=weight, base_prompt=base_prompt, n_ctx=ctx_size,
                n_threads=threads, n_gpu_layers=gpu_layers, concurrent=concurrent)
 
@@ -224,6 +246,11 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
                     reply.append(chunk.text)
         except KeyboardInterrupt:
             out.write(" (stopped)")
+        except EFTError as e:
+            # A turn that cannot run (the context is full) does not end the session.
+            messages.pop()
+            sys.stderr.write(f"error: {e}; /reset starts a new conversation\n")
+            continue
         # The reply as shown, stopped or not, is what the next turn continues from.
         messages.append({"role": "assistant", "content": "".join(reply)})
         out.write("\n")

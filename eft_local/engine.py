@@ -6,7 +6,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -52,7 +52,9 @@ class Completion:
 class EFT:
     """Three GGUF models sampled as one: ``base + weight * (tuned - reference)``, per token.
 
-    Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. One
+    ``n_threads`` and ``n_gpu_layers`` take one value for all models or a mapping by role
+    (``{"base": -1}`` offloads only the large model). Use as a context manager (or call
+    ``close``) so the llama.cpp contexts are freed. One
     instance serves one conversation at a time; each model keeps its KV cache between calls,
     so a new request only evaluates the tokens after the longest common prefix.
     """
@@ -65,8 +67,8 @@ class EFT:
         *,
         weight: float = 1.0,
         n_ctx: int = DEFAULT_CTX,
-        n_threads: int | None = None,
-        n_gpu_layers: int = 0,
+        n_threads: int | Mapping[str, int] | None = None,
+        n_gpu_layers: int | Mapping[str, int] = 0,
         concurrent: bool | None = None,
         base_prompt: str = "same",
     ):
@@ -91,7 +93,9 @@ class EFT:
         unique = list(dict.fromkeys(keys.values()))
         self.concurrent = DEFAULT_CONCURRENT if concurrent is None else bool(concurrent)
         cores = os.cpu_count() or 1
-        threads = n_threads or (max(1, cores // len(unique)) if self.concurrent else cores)
+        default_threads = max(1, cores // len(unique)) if self.concurrent else cores
+        threads = per_role(n_threads, "n_threads", default_threads)
+        gpu_layers = per_role(n_gpu_layers, "n_gpu_layers", 0)
         self._backends: dict[tuple[str, str], Backend] = {}
         self.models: dict[str, Backend] = {}
         try:
@@ -99,7 +103,7 @@ class EFT:
                 if keys[role] not in self._backends:
                     ctx = min(n_ctx, self.vocabs[role].context_length or n_ctx)
                     self._backends[keys[role]] = Backend(
-                        paths[role], n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers
+                        paths[role], n_ctx=ctx, n_threads=threads[role], n_gpu_layers=gpu_layers[role]
                     )
                 self.models[role] = self._backends[keys[role]]
         except BaseException:
@@ -108,7 +112,6 @@ class EFT:
         for role, model in self.models.items():
             if model.n_vocab != self.vocabs[role].n_vocab:
                 raise EFTError(f"{paths[role]}: llama.cpp reports {model.n_vocab} tokens, the GGUF lists {self.vocabs[role].n_vocab}")
-        self.n_threads = threads
         self._pool = (
             ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
             if self.concurrent and len(unique) > 1
@@ -314,3 +317,13 @@ class EFT:
     def stream_chat(self, messages: Sequence[Message], **options: Any) -> Iterator[Chunk]:
         """Stream a reply to a chat."""
         return self.stream(messages=messages, **options)
+
+
+def per_role(value: int | Mapping[str, int] | None, name: str, default: int) -> dict[str, int]:
+    """One setting for every role, or a mapping of role to setting (missing roles get the default)."""
+    if value is None or isinstance(value, int):
+        return {role: default if value is None else value for role in ROLES}
+    unknown = set(value) - set(ROLES)
+    if unknown:
+        raise EFTError(f"{name}: unknown role {sorted(unknown)[0]!r}; roles are {', '.join(ROLES)}")
+    return {role: int(value.get(role, default)) for role in ROLES}

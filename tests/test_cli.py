@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from eft_local.cli import chat_loop, main
 from eft_local.engine import EFT, Chunk
+from eft_local.errors import EFTError
 from tiny_gguf import ALT_DIFF_ID, ALT_DIFF_TEXT, BASE_DIFF_TEXT, N_VOCAB_BASE
 
 EFT_LOCAL = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "eft-local"
@@ -366,6 +367,8 @@ class FakeEFT:
             for i, piece in enumerate(pieces):
                 if piece is KeyboardInterrupt:
                     raise KeyboardInterrupt
+                if isinstance(piece, Exception):
+                    raise piece
                 yield Chunk(piece, 100 + i)
             yield Chunk("", None, "stop", {"generated_tokens": len(pieces)})
 
@@ -469,6 +472,29 @@ def test_chat_loop_ctrl_c_during_reply():
         {"role": "user", "content": "more"},
     ]
     assert conv[-1] == {"role": "assistant", "content": "again"}
+
+
+def test_chat_loop_turn_error_keeps_session(capsys):
+    """A turn that cannot run (context full) prints one error line and the session goes on."""
+    eft = FakeEFT([EFTError("prompt has 300 tokens but the context holds 256")], ["fine"])
+    conv, text = run_loop(eft, script("long question", "/reset", "short", "/exit"))
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt has 300 tokens") and err.count("\n") == 1
+    assert conv == [{"role": "user", "content": "short"}, {"role": "assistant", "content": "fine"}]
+    # The failed question was not kept for the next turn.
+    assert eft.calls[1][0] == [{"role": "user", "content": "short"}]
+
+
+def test_per_role_threads_and_gpu_layers(tiny):
+    """--threads and --gpu-layers take one number or role=N pairs; unknown roles are errors."""
+    def run(threads):
+        # Not invoke(): it appends its own --threads.
+        return CliRunner().invoke(main, ["generate", "Hello", *models(tiny), "--threads", threads, "-ngl", "0", "-n", "3"])
+
+    ok(run("base=1,tuned=1,reference=1"))
+    bad = run("bass=1")
+    assert bad.exit_code == 1 and "unknown role 'bass'" in bad.stderr
+    assert run("base=x").exit_code == 2
 
 
 # --- chat with the tiny models -------------------------------------------------------------
