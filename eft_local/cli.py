@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Any, Callable, Iterable, TextIO
 
 import click
 
-from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk
+from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion
 from .errors import EFTError
 from .vocab import check_vocabularies, read_vocab
 
@@ -159,23 +160,11 @@ def generate(prompt: str | None, raw: bool, as_json: bool, **kwargs: Any) -> Non
     with load(**engine_kw) as eft:
         chunks = eft.stream(prompt, raw=raw, **sample_kw)
         if as_json:
-            result = collect(chunks)
+            result = dataclasses.asdict(Completion.from_chunks(chunks))
             click.echo(json.dumps(result, ensure_ascii=False))
         else:
             write_stream(chunks, sys.stdout)
             click.echo()
-
-
-def collect(chunks: Iterable[Chunk]) -> dict[str, Any]:
-    """The ``--json`` object of a finished stream."""
-    text, tokens = [], []
-    for chunk in chunks:
-        text.append(chunk.text)
-        if chunk.token is not None:
-            tokens.append(chunk.token)
-        if chunk.finish_reason is not None:
-            return {"text": "".join(text), "tokens": tokens, "finish_reason": chunk.finish_reason, "stats": chunk.stats}
-    raise EFTError("generation ended without a result")
 
 
 def write_stream(chunks: Iterable[Chunk], out: TextIO) -> str:

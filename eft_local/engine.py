@@ -6,7 +6,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -48,15 +48,27 @@ class Completion:
     finish_reason: str
     stats: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[Chunk]) -> "Completion":
+        """Collect a stream into one result."""
+        text, tokens = [], []
+        for chunk in chunks:
+            text.append(chunk.text)
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+            if chunk.finish_reason is not None:
+                return cls("".join(text), tokens, chunk.finish_reason, chunk.stats or {})
+        raise EFTError("generation ended without a result")
+
 
 class EFT:
     """Three GGUF models sampled as one: ``base + weight * (tuned - reference)``, per token.
 
-    ``n_threads`` and ``n_gpu_layers`` take one value for all models or a mapping by role
-    (``{"base": -1}`` offloads only the large model). Use as a context manager (or call
-    ``close``) so the llama.cpp contexts are freed. One
+    Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. One
     instance serves one conversation at a time; each model keeps its KV cache between calls,
     so a new request only evaluates the tokens after the longest common prefix.
+    ``n_threads`` and ``n_gpu_layers`` take one value for all models or a mapping by role
+    (``{"base": -1}`` offloads only the large model).
     """
 
     def __init__(
@@ -106,12 +118,14 @@ class EFT:
                         paths[role], n_ctx=ctx, n_threads=threads[role], n_gpu_layers=gpu_layers[role]
                     )
                 self.models[role] = self._backends[keys[role]]
+                if self.models[role].n_vocab != self.vocabs[role].n_vocab:
+                    raise EFTError(
+                        f"{paths[role]}: llama.cpp reports {self.models[role].n_vocab} tokens, "
+                        f"the GGUF lists {self.vocabs[role].n_vocab}"
+                    )
         except BaseException:
             self.close()
             raise
-        for role, model in self.models.items():
-            if model.n_vocab != self.vocabs[role].n_vocab:
-                raise EFTError(f"{paths[role]}: llama.cpp reports {model.n_vocab} tokens, the GGUF lists {self.vocabs[role].n_vocab}")
         self._pool = (
             ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
             if self.concurrent and len(unique) > 1
@@ -301,14 +315,7 @@ class EFT:
 
     def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         """Generate a whole reply; takes the same arguments as ``stream``."""
-        text, tokens = [], []
-        for chunk in self.stream(prompt, **options):
-            text.append(chunk.text)
-            if chunk.token is not None:
-                tokens.append(chunk.token)
-            if chunk.finish_reason is not None:
-                return Completion("".join(text), tokens, chunk.finish_reason, chunk.stats or {})
-        raise AssertionError("stream ended without a finish chunk")
+        return Completion.from_chunks(self.stream(prompt, **options))
 
     def chat(self, messages: Sequence[Message], **options: Any) -> Completion:
         """Reply to a chat (a list of {"role", "content"} messages)."""
