@@ -13,6 +13,7 @@ import click
 
 from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion
 from .errors import EFTError
+from . import evaluate as ev
 from .vocab import check_vocabularies, read_vocab
 
 # Re-raise unexpected exceptions with their traceback when set (for debugging).
@@ -70,16 +71,29 @@ class PerRole(click.ParamType):
 
 
 def model_options(f: Callable) -> Callable:
-    """The three model paths."""
+    """The three models: a recipe, explicit paths, or both (paths win)."""
     for decorator in reversed(
         [
-            click.option("--base", "-b", required=True, type=click.Path(dir_okay=False), help="Large pre-trained model (GGUF)."),
-            click.option("--tuned", "-t", required=True, type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
-            click.option("--reference", "-r", required=True, type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
+            click.option("--recipe", "-m", help="Named model set from models/recipes.toml [default: demo, the bundled triple]."),
+            click.option("--base", "-b", type=click.Path(dir_okay=False), help="Large pre-trained model (GGUF)."),
+            click.option("--tuned", "-t", type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
+            click.option("--reference", "-r", type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
         ]
     ):
         f = decorator(f)
     return f
+
+
+def resolve_models(recipe: str | None, base: str | None, tuned: str | None, reference: str | None) -> dict[str, str]:
+    """Paths of the models to use: explicit paths, the rest from the recipe (default: demo)."""
+    explicit = {role: p for role, p in (("base", base), ("tuned", tuned), ("reference", reference)) if p}
+    if len(explicit) == 3 and recipe is None:
+        return explicit
+    # Imported here: huggingface_hub is slow to import and only recipes need it.
+    from .recipes import default_recipe, resolve
+
+    models = {role: str(p) for role, p in resolve(recipe or default_recipe()).items()}
+    return {**models, **explicit}
 
 
 def engine_options(f: Callable) -> Callable:
@@ -115,10 +129,17 @@ def sampling_options(f: Callable) -> Callable:
     return f
 
 
-def load(base: str, tuned: str, reference: str, weight: float, base_prompt: str, ctx_size: int,
-         threads: int | dict[str, int] | None, gpu_layers: int | dict[str, int], concurrent: bool | None) -> EFT:
-    return EFT(base, tuned, reference, weight=weight, base_prompt=base_prompt, n_ctx=ctx_size,
-               n_threads=threads, n_gpu_layers=gpu_layers, concurrent=concurrent)
+def engine_kwargs(base_prompt: str, ctx_size: int, threads: int | dict[str, int] | None,
+                  gpu_layers: int | dict[str, int], concurrent: bool | None) -> dict[str, Any]:
+    """EFT keyword arguments from the engine options."""
+    return dict(base_prompt=base_prompt, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers,
+                concurrent=concurrent)
+
+
+def load(recipe: str | None, base: str | None, tuned: str | None, reference: str | None, weight: float,
+         **engine: Any) -> EFT:
+    models = resolve_models(recipe, base, tuned, reference)
+    return EFT(models["base"], models["tuned"], models["reference"], weight=weight, **engine_kwargs(**engine))
 
 
 SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop")
@@ -248,9 +269,10 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
 @main.command()
 @model_options
 @handle_errors
-def check(base: str, tuned: str, reference: str) -> None:
+def check(recipe: str | None, base: str | None, tuned: str | None, reference: str | None) -> None:
     """Check that the three models share one vocabulary (reads headers only)."""
-    infos = {"base": read_vocab(base), "tuned": read_vocab(tuned), "reference": read_vocab(reference)}
+    models = resolve_models(recipe, base, tuned, reference)
+    infos = {role: read_vocab(models[role]) for role in ("base", "tuned", "reference")}
     for role, v in infos.items():
         click.echo(
             f"{role:<10} {v.path}\n"
@@ -264,3 +286,46 @@ def check(base: str, tuned: str, reference: str) -> None:
     if not infos["tuned"].chat_template:
         click.echo("note: the tuned model has no chat template; chats use a plain transcript")
     click.echo(f"compatible: {report.n_shared} shared token ids")
+
+
+@main.command(name="eval")
+@click.argument("data", type=click.Path(dir_okay=False))
+@model_options
+@engine_options
+@click.option("--config", "configs", multiple=True, metavar="SPEC",
+              help="A configuration to run (repeatable): a model name (base, tuned, reference, oracle, ...) or "
+                   "path alone; eft or eft@W for the triple; LABEL=BASE,TUNED,REFERENCE[,W] for any triple. "
+                   "[default: base, tuned, eft]")
+@click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Most tokens per reply.")
+@click.option("--max-words", type=int, default=ev.MAX_WORDS, show_default=True, help="Longest reply that still counts as a short answer.")
+@click.option("--limit", type=int, default=None, help="Use only the first N items.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write results to a .json (with every reply) or .csv file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart (needs matplotlib).")
+@handle_errors
+def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
+                 weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
+                 output: str | None, plot: str | None, **engine: Any) -> None:
+    """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies).
+
+    Format following: the reply ends its turn by itself within --max-words words. Factual
+    accuracy: the reference answer appears in the reply.
+    """
+    if max_tokens < 1 or max_words < 1 or (limit is not None and limit < 1):
+        raise EFTError("--max-tokens, --max-words and --limit must be at least 1")
+    if output:
+        ev.check_output(output, (".json", ".csv"))
+    if plot:
+        ev.check_output(plot, (".png",))
+    items = ev.load_items(data)[:limit]
+    models = resolve_models(recipe, base, tuned, reference)
+    specs = [ev.parse_config(spec, models, weight) for spec in (configs or ("base", "tuned", "eft"))]
+    results = []
+    for config in specs:
+        with click.progressbar(length=len(items), label=config.label, file=sys.stderr) as bar:
+            results.append(ev.evaluate(config, items, max_tokens=max_tokens, max_words=max_words,
+                                       engine_options=engine_kwargs(**engine), on_item=lambda _: bar.update(1)))
+    click.echo(ev.table(results))
+    if output:
+        ev.write_results(results, output)
+    if plot:
+        ev.plot(results, plot)

@@ -283,11 +283,10 @@ def test_invalid_values(tiny, option, value, words):
     assert words in line
 
 
-def test_missing_required_option(tiny):
-    result = invoke(["generate", PROMPT, "-t", str(tiny["tuned"]), "-r", str(tiny["reference"])])
-    assert result.exit_code == 2
-    assert "--base" in result.stderr
-    assert "Traceback" not in result.output
+def test_unknown_recipe(tiny):
+    result = invoke(["generate", PROMPT, "--recipe", "no-such-recipe"])
+    assert_error_line(result)
+    assert "no-such-recipe" in result.stderr
 
 
 def test_non_numeric_temperature(tiny):
