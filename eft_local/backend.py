@@ -144,19 +144,21 @@ class Backend:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, self._first_output + i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def trim(self, n: int) -> int:
-        """Keep only the first ``n`` tokens in the cache; return how many were kept.
+    def trim(self, n: int) -> None:
+        """Keep only the first ``n`` tokens in the cache.
 
         Some caches (sliding-window attention) cannot drop a partial sequence; those are
-        cleared, and the caller re-evaluates from the start.
+        cleared and the kept tokens evaluated again.
         """
         if n >= len(self.tokens):
-            return len(self.tokens)
-        if not llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
-            llama_cpp.llama_memory_clear(self.memory, True)
-            n = 0
-        del self.tokens[n:]
-        return n
+            return
+        if llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
+            del self.tokens[n:]
+            return
+        keep = self.tokens[:n]
+        self.reset()
+        if keep:
+            self.eval(keep)
 
     def sync(self, tokens: Sequence[int]) -> int:
         """Make the cache hold exactly ``tokens``, with logits for the last one.
@@ -167,9 +169,11 @@ class Backend:
         if not tokens:
             raise ValueError("cannot evaluate an empty prompt")
         # The last token is always evaluated again: its logits are what the caller wants.
-        keep = self.trim(min(common_prefix(self.tokens, tokens), len(tokens) - 1))
+        keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)
+        before = self.n_evaluated
+        self.trim(keep)
         self.eval(tokens[keep:])
-        return len(tokens) - keep
+        return self.n_evaluated - before
 
     def reset(self) -> None:
         """Forget the whole cache."""

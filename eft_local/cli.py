@@ -112,6 +112,11 @@ def engine_options(f: Callable) -> Callable:
     return f
 
 
+speculative_option = click.option(
+    "--speculative", metavar="K|auto", default=None,
+    help="Speculative decoding: the tuned model drafts K tokens per verification ('auto' adapts K). Same output distribution.")
+
+
 def sampling_options(f: Callable) -> Callable:
     """Sampling of the combined distribution, shared by generate and chat."""
     for decorator in reversed(
@@ -123,6 +128,7 @@ def sampling_options(f: Callable) -> Callable:
             click.option("--seed", "-s", type=int, default=None, help="Random seed (same seed, same output)."),
             click.option("--max-tokens", "-n", type=int, default=512, show_default=True, help="Most tokens to generate."),
             click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
+            speculative_option,
         ]
     ):
         f = decorator(f)
@@ -142,7 +148,7 @@ def load(recipe: str | None, base: str | None, tuned: str | None, reference: str
     return EFT(models["base"], models["tuned"], models["reference"], weight=weight, **engine_kwargs(**engine))
 
 
-SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop")
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative")
 
 
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -301,10 +307,11 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 @click.option("--limit", type=int, default=None, help="Use only the first N items.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write results to a .json (with every reply) or .csv file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart (needs matplotlib).")
+@speculative_option
 @handle_errors
 def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
                  weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
-                 output: str | None, plot: str | None, **engine: Any) -> None:
+                 output: str | None, plot: str | None, speculative: str | None, **engine: Any) -> None:
     """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies).
 
     Format following: the reply ends its turn by itself within --max-words words. Factual
@@ -323,7 +330,8 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
     for config in specs:
         with click.progressbar(length=len(items), label=config.label, file=sys.stderr) as bar:
             results.append(ev.evaluate(config, items, max_tokens=max_tokens, max_words=max_words,
-                                       engine_options=engine_kwargs(**engine), on_item=lambda _: bar.update(1)))
+                                       engine_options=engine_kwargs(**engine), speculative=speculative,
+                                       on_item=lambda _: bar.update(1)))
     click.echo(ev.table(results))
     if output:
         ev.write_results(results, output)

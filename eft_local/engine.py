@@ -15,6 +15,7 @@ from .combine import eft_logprobs, log_softmax
 from .errors import EFTError
 from .prompt import Message, chat_tokens, check_messages, plain_transcript, raw_tokens
 from .sampling import Sampler
+from .speculative import MAX_DRAFT, SpecStats, speculative_tokens
 from .textstream import TextStream
 from .vocab import VocabReport, check_vocabularies, read_vocab
 
@@ -37,6 +38,17 @@ class Chunk:
     token: int | None = None
     finish_reason: str | None = None
     stats: dict[str, Any] | None = None
+
+
+@dataclass
+class StepTiming:
+    """Where the time of non-speculative steps went."""
+
+    forward_seconds: float = 0.0
+    combine_seconds: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {"forward_seconds": round(self.forward_seconds, 4), "combine_sample_seconds": round(self.combine_seconds, 4)}
 
 
 @dataclass
@@ -166,11 +178,15 @@ class EFT:
 
     def _run(self, work: Callable[[Backend], object]) -> None:
         """Run ``work`` on every distinct model, in threads when concurrent."""
-        if self._pool is None:
-            for b in self.backends:
+        self._run_on(self.backends, work)
+
+    def _run_on(self, backends: Sequence[Backend], work: Callable[[Backend], object]) -> None:
+        """Run ``work`` on ``backends``, in threads when concurrent."""
+        if self._pool is None or len(backends) < 2:
+            for b in backends:
                 work(b)
             return
-        futures = [self._pool.submit(work, b) for b in self.backends]
+        futures = [self._pool.submit(work, b) for b in backends]
         try:
             wait(futures)
         except KeyboardInterrupt:
@@ -182,7 +198,10 @@ class EFT:
 
     def _combined(self) -> np.ndarray:
         """Combined log-probabilities at every model's last evaluated position."""
-        logp = {b: log_softmax(b.logits()) for b in self.backends}
+        return self._combine_rows({b: log_softmax(b.logits()) for b in self.backends})
+
+    def _combine_rows(self, logp: Mapping[Backend, np.ndarray]) -> np.ndarray:
+        """Combine one position's log-probabilities, given per distinct model."""
         m = self.models
         return eft_logprobs(
             logp[m["base"]],
@@ -248,13 +267,15 @@ class EFT:
         top_p: float = 0.95,
         min_p: float = 0.05,
         seed: int | None = None,
+        speculative: int | str | None = None,
     ) -> Iterator[Chunk]:
         """Generate a reply piece by piece.
 
         ``prompt`` is rendered as one user message with the tuned model's chat template,
         unless ``raw``; ``messages`` is a whole chat. Stops at the tuned model's
         end-of-generation tokens, at a ``stop`` string (never included in the text), or after
-        ``max_tokens``.
+        ``max_tokens``. ``speculative`` = k drafts k tokens with the tuned model per
+        verification ("auto" adapts k); the output distribution is the same.
         """
         try:
             sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -262,11 +283,12 @@ class EFT:
             raise EFTError(str(e)) from None
         if max_tokens < 1:
             raise EFTError(f"max_tokens must be at least 1, got {max_tokens}")
+        speculative = check_speculative(speculative)
         by_role = self.prompt_tokens(prompt, messages=messages, raw=raw)
         for toks in by_role.values():
             self._check_tokens(toks)
         prompts = {self.models[role]: toks for role, toks in by_role.items()}
-        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop)
+        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop, speculative)
 
     def _loop(
         self,
@@ -275,8 +297,9 @@ class EFT:
         rng: np.random.Generator,
         max_tokens: int,
         stop: Sequence[str],
+        speculative: int | str | None,
     ) -> Iterator[Chunk]:
-        """The EFT loop: prefill every model, then combine, sample, append until a stop."""
+        """The EFT loop: prefill every model, then take tokens until a stop."""
         tuned = self.models["tuned"]
         text = TextStream(stop)
         tokens: list[int] = []
@@ -285,9 +308,14 @@ class EFT:
         self._run(lambda b: b.sync(prompts[b]))
         prompt_eval = tuned.n_evaluated - evaluated
         t1 = time.perf_counter()
+        if speculative:
+            timing = SpecStats()
+            source = speculative_tokens(self, sampler, rng, None if speculative == "auto" else int(speculative), timing)
+        else:
+            timing = StepTiming()
+            source = self._plain_tokens(sampler, rng, timing)
         finish = "length"
-        while True:
-            token = sampler.sample(self._combined(), rng)
+        for token in source:
             if tuned.is_eog(token):
                 finish = "stop"
                 break
@@ -297,9 +325,8 @@ class EFT:
             if text.stopped:
                 finish = "stop"
                 break
-            if len(tokens) >= max_tokens or any(len(b.tokens) >= b.n_ctx for b in self.backends):
+            if len(tokens) >= max_tokens:
                 break
-            self._run(lambda b: b.eval([token]))
         tail = text.flush()
         t2 = time.perf_counter()
         stats = {
@@ -310,8 +337,23 @@ class EFT:
             "prompt_seconds": round(t1 - t0, 4),
             "generate_seconds": round(t2 - t1, 4),
             "tokens_per_second": round(len(tokens) / (t2 - t1), 2) if tokens and t2 > t1 else 0.0,
+            **timing.summary(),
         }
         yield Chunk(tail, None, finish, stats)
+
+    def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, timing: "StepTiming") -> Iterator[int]:
+        """One token per step: combine, sample, then append it to every model."""
+        while True:
+            t0 = time.perf_counter()
+            token = sampler.sample(self._combined(), rng)
+            t1 = time.perf_counter()
+            timing.combine_seconds += t1 - t0
+            yield token
+            if any(len(b.tokens) >= b.n_ctx for b in self.backends):
+                return
+            t2 = time.perf_counter()
+            self._run(lambda b: b.eval([token]))
+            timing.forward_seconds += time.perf_counter() - t2
 
     def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         """Generate a whole reply; takes the same arguments as ``stream``."""
@@ -334,3 +376,18 @@ def per_role(value: int | Mapping[str, int] | None, name: str, default: int) -> 
     if unknown:
         raise EFTError(f"{name}: unknown role {sorted(unknown)[0]!r}; roles are {', '.join(ROLES)}")
     return {role: int(value.get(role, default)) for role in ROLES}
+
+
+def check_speculative(value: int | str | None) -> int | str | None:
+    """None or 0 (off), a draft length 1..MAX_DRAFT, or "auto"."""
+    if value in (None, 0, "0", "off"):
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value) if not isinstance(value, float) or value.is_integer() else -1
+    except (TypeError, ValueError):
+        k = -1
+    if not 1 <= k <= MAX_DRAFT:
+        raise EFTError(f"speculative must be a draft length from 1 to {MAX_DRAFT} or 'auto', got {value!r}")
+    return k

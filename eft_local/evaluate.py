@@ -42,6 +42,8 @@ class ItemResult:
     correct: bool
     tokens: int
     seconds: float
+    drafted: int = 0  # speculative decoding only
+    accepted: int = 0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ConfigResult:
     accuracy: float
     mean_tokens: float
     tokens_per_second: float
+    acceptance_rate: float | None = None  # percent of drafted tokens accepted, when speculative
     items: list[ItemResult] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -146,17 +149,20 @@ def evaluate(
     max_tokens: int = 32,
     max_words: int = MAX_WORDS,
     engine_options: Mapping[str, Any] | None = None,
+    speculative: int | str | None = None,
     on_item: Callable[[ItemResult], None] | None = None,
 ) -> ConfigResult:
     """Greedy replies of one configuration to every item, scored."""
     results = []
     with EFT(config.base, config.tuned, config.reference, weight=config.weight, **(engine_options or {})) as eft:
         for item in items:
-            reply = eft.chat([{"role": "user", "content": item["prompt"]}], temperature=0, max_tokens=max_tokens)
+            reply = eft.chat([{"role": "user", "content": item["prompt"]}], temperature=0, max_tokens=max_tokens,
+                             speculative=speculative)
             followed, correct = score(reply, item["answer"], max_words)
             result = ItemResult(
                 item["prompt"], item["answer"], reply.text, followed, correct,
                 reply.stats["generated_tokens"], reply.stats["generate_seconds"],
+                reply.stats.get("drafted", 0), reply.stats.get("accepted", 0),
             )
             results.append(result)
             if on_item:
@@ -164,6 +170,7 @@ def evaluate(
     n = len(results)
     tokens = sum(r.tokens for r in results)
     seconds = sum(r.seconds for r in results)
+    drafted = sum(r.drafted for r in results)
     return ConfigResult(
         label=config.label,
         n=n,
@@ -171,6 +178,7 @@ def evaluate(
         accuracy=round(100 * sum(r.correct for r in results) / n, 1),
         mean_tokens=round(tokens / n, 1),
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        acceptance_rate=round(100 * sum(r.accepted for r in results) / drafted, 1) if drafted else None,
         items=results,
     )
 
@@ -178,8 +186,14 @@ def evaluate(
 def table(results: Sequence[ConfigResult]) -> str:
     """A markdown table of the summaries."""
     rows = ["| configuration | format following % | factual accuracy % | mean tokens | tokens/s |", "|---|---|---|---|---|"]
+    spec = any(r.acceptance_rate is not None for r in results)
+    if spec:
+        rows = [rows[0] + " draft acceptance % |", rows[1] + "---|"]
     for r in results:
-        rows.append(f"| {r.label} | {r.format_following:.1f} | {r.accuracy:.1f} | {r.mean_tokens:.1f} | {r.tokens_per_second:.1f} |")
+        row = f"| {r.label} | {r.format_following:.1f} | {r.accuracy:.1f} | {r.mean_tokens:.1f} | {r.tokens_per_second:.1f} |"
+        if spec:
+            row += f" {'-' if r.acceptance_rate is None else f'{r.acceptance_rate:.1f}'} |"
+        rows.append(row)
     return "\n".join(rows)
 
 

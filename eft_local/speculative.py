@@ -1,0 +1,152 @@
+"""Exact speculative EFT decoding: the small tuned model drafts, the other models verify.
+
+Per round: the tuned model drafts k tokens from its own sampler-transformed distribution q;
+base and reference evaluate the pending token and the k drafts in one batch each, which gives
+the EFT target p at every drafted position. Draft x_i is accepted with probability
+min(1, p_i(x_i) / q_i(x_i)); the first rejection samples from normalise(max(p_i - q_i, 0)); when
+all k are accepted a bonus token comes from p_{k+1}. The output distribution is exactly that of
+plain EFT sampling (Leviathan et al. 2023, Chen et al. 2023); greedy output is token-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from .combine import log_softmax
+from .sampling import Sampler, draw, normalize
+
+if TYPE_CHECKING:
+    from .engine import EFT
+
+MAX_DRAFT = 16
+
+
+@dataclass
+class SpecStats:
+    """Counters of one generation: acceptance and where the time went."""
+
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    combine_seconds: float = 0.0
+    draft_lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
+            "accepted_per_round": round(self.accepted / self.rounds, 3) if self.rounds else 0.0,
+            "rounds": self.rounds,
+            "mean_draft_length": round(self.drafted / self.rounds, 2) if self.rounds else 0.0,
+            "draft_seconds": round(self.draft_seconds, 4),
+            "verify_seconds": round(self.verify_seconds, 4),
+            "combine_sample_seconds": round(self.combine_seconds, 4),
+        }
+
+
+def next_draft_length(k: int, accepted: int, drafted: int) -> int:
+    """``--speculative auto``: lengthen the draft after a full acceptance, shorten it after a miss."""
+    if accepted == drafted:
+        return min(k + 2, MAX_DRAFT)
+    return max(1, min(k - 1, accepted + 1))
+
+
+def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Log of normalise(max(p - q, 0)): where to sample after a rejection."""
+    diff = np.maximum(np.exp(p) - np.exp(q), 0.0)
+    if not diff.any():
+        # Only reachable through rounding when p == q, where a rejection has probability 0.
+        return p
+    with np.errstate(divide="ignore"):
+        return normalize(np.log(diff))
+
+
+def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k: int | None,
+                       stats: SpecStats) -> Iterator[int]:
+    """Yield EFT tokens after a prefill, drafting ``k`` at a time (None: adapt k).
+
+    Every model's cache is rolled back to the accepted prefix after each round.
+    """
+    adaptive = k is None
+    k = 4 if adaptive else k
+    m = eft.models
+    drafter = m["tuned"]
+    verifiers = [b for b in eft.backends if b is not drafter]
+    n = eft.n_shared
+
+    t = time.perf_counter()
+    token = sampler.sample(eft._combined(), rng)
+    stats.combine_seconds += time.perf_counter() - t
+    yield token
+    while True:
+        # Room for the pending token, k drafts and a bonus in every context.
+        room = min(b.n_ctx - len(b.tokens) for b in eft.backends) - 2
+        if room < 0:
+            return
+        kk = max(0, min(k, room, MAX_DRAFT))
+        start = {b: len(b.tokens) for b in eft.backends}
+
+        # Draft: the tuned model samples from its own transformed distribution, restricted to
+        # the shared ids so that every draft is a valid token for all models.
+        t0 = time.perf_counter()
+        drafter.eval([token])
+        tuned_rows, q_rows, drafts = [], [], []
+        for i in range(kk):
+            lt = log_softmax(drafter.logits())
+            q = sampler.distribution(normalize(lt[:n]))
+            x = draw(q, rng) if not sampler.greedy else int(np.argmax(q))
+            tuned_rows.append(lt)
+            q_rows.append(q)
+            drafts.append(x)
+            if i < kk - 1:
+                drafter.eval([x])
+        t1 = time.perf_counter()
+
+        # Verify: one batch per other model over the pending token and the drafts.
+        eft._run_on(verifiers, lambda b: b.eval([token, *drafts], n_logits=kk + 1))
+        t2 = time.perf_counter()
+
+        def target(i: int, tuned_row: np.ndarray) -> np.ndarray:
+            rows = {drafter: tuned_row}
+            rows.update({b: log_softmax(b.logits(i)) for b in verifiers})
+            return sampler.distribution(eft._combine_rows(rows))
+
+        accepted = 0
+        new_token = None
+        for i, x in enumerate(drafts):
+            p = target(i, tuned_rows[i])
+            q = q_rows[i]
+            if rng.random() < min(1.0, float(np.exp(p[x] - q[x]))):
+                accepted += 1
+                continue
+            new_token = draw(residual(p, q), rng)
+            break
+        if new_token is None:
+            # All accepted: the bonus token needs the tuned model's row after the last draft.
+            if kk:
+                drafter.eval([drafts[-1]])
+            new_token = draw(target(kk, log_softmax(drafter.logits())), rng)
+        t3 = time.perf_counter()
+
+        for b in eft.backends:
+            b.trim(start[b] + 1 + accepted)
+        stats.rounds += 1
+        stats.drafted += kk
+        stats.accepted += accepted
+        stats.draft_lengths.append(kk)
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        stats.combine_seconds += t3 - t2
+        if adaptive:
+            k = next_draft_length(k, accepted, kk)
+
+        yield from drafts[:accepted]
+        token = new_token
+        yield token
