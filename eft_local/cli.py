@@ -129,6 +129,7 @@ def sampling_options(f: Callable) -> Callable:
             click.option("--max-tokens", "-n", type=int, default=512, show_default=True, help="Most tokens to generate."),
             click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
             speculative_option,
+            click.option("--ignore-eos", is_flag=True, help="Never sample the end tokens (always --max-tokens tokens)."),
         ]
     ):
         f = decorator(f)
@@ -148,7 +149,7 @@ def load(recipe: str | None, base: str | None, tuned: str | None, reference: str
     return EFT(models["base"], models["tuned"], models["reference"], weight=weight, **engine_kwargs(**engine))
 
 
-SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative")
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative", "ignore_eos")
 
 
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

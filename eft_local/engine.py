@@ -104,6 +104,7 @@ class EFT:
             raise EFTError(f"context size must be at least 8 tokens, got {n_ctx}")
         self.weight = float(weight)
         self.base_prompt = base_prompt
+        self._end_tokens: tuple[int, ...] | None = None
         paths = {"base": os.fspath(base), "tuned": os.fspath(tuned), "reference": os.fspath(reference)}
         # The check reads only GGUF headers, so a bad set fails before any weights load.
         self.vocabs = {role: read_vocab(p) for role, p in paths.items()}
@@ -209,6 +210,13 @@ class EFT:
             self.n_shared,
         )
 
+    def end_tokens(self) -> tuple[int, ...]:
+        """The tuned model's end-of-generation ids within the shared vocabulary."""
+        if self._end_tokens is None:
+            tuned = self.models["tuned"]
+            self._end_tokens = tuple(t for t in range(self.n_shared) if tuned.is_eog(t))
+        return self._end_tokens
+
     def next_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
         """Combined next-token log-probabilities after ``tokens`` (all models see the same ids).
 
@@ -268,6 +276,7 @@ class EFT:
         min_p: float = 0.05,
         seed: int | None = None,
         speculative: int | str | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[Chunk]:
         """Generate a reply piece by piece.
 
@@ -275,10 +284,12 @@ class EFT:
         unless ``raw``; ``messages`` is a whole chat. Stops at the tuned model's
         end-of-generation tokens, at a ``stop`` string (never included in the text), or after
         ``max_tokens``. ``speculative`` = k drafts k tokens with the tuned model per
-        verification ("auto" adapts k); the output distribution is the same.
+        verification ("auto" adapts k); the output distribution is the same. ``ignore_eos``
+        never samples the end tokens (for benchmarks: always ``max_tokens`` tokens).
         """
+        banned = self.end_tokens() if ignore_eos else ()
         try:
-            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, banned=banned)
         except ValueError as e:
             raise EFTError(str(e)) from None
         if max_tokens < 1:

@@ -77,6 +77,7 @@ class Sampler:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    banned: tuple[int, ...] = ()  # ids never sampled (end tokens with ignore_eos)
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
@@ -94,6 +95,7 @@ class Sampler:
 
     def distribution(self, logp: np.ndarray) -> np.ndarray:
         """The log-probabilities a token is actually drawn from (filters, then temperature)."""
+        logp = self._ban(logp)
         if self.greedy:
             out = np.full_like(logp, -np.inf)
             out[int(np.argmax(logp))] = 0.0
@@ -104,8 +106,15 @@ class Sampler:
     def sample(self, logp: np.ndarray, rng: np.random.Generator) -> int:
         """Draw one token id from ``logp`` (argmax when greedy)."""
         if self.greedy:
-            return int(np.argmax(logp))
+            return int(np.argmax(self._ban(logp)))
         return draw(self.distribution(logp), rng)
+
+    def _ban(self, logp: np.ndarray) -> np.ndarray:
+        if not self.banned:
+            return logp
+        out = logp.copy()
+        out[[t for t in self.banned if t < len(out)]] = -np.inf
+        return out
 
 
 def draw(logp: np.ndarray, rng: np.random.Generator) -> int:

@@ -275,3 +275,14 @@ def test_sampling_is_reproducible_for_a_seed():
     assert a == b
     assert a != c
     assert len(set(a)) > 10  # draws actually vary
+
+
+def test_banned_ids_are_never_chosen():
+    logp = np.log(np.array([0.7, 0.2, 0.1]))
+    greedy = Sampler(temperature=0, banned=(0,))
+    assert greedy.sample(logp, np.random.default_rng(0)) == 1
+    assert np.exp(greedy.distribution(logp))[1] == 1.0
+    s = Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, banned=(0, 7))
+    np.testing.assert_allclose(np.exp(s.distribution(logp)), [0.0, 2 / 3, 1 / 3])
+    rng = np.random.default_rng(1)
+    assert 0 not in {s.sample(logp, rng) for _ in range(200)}

@@ -152,3 +152,14 @@ def test_stats_and_validation(eft):
     for bad in (17, -1, "fast", 2.5):
         with pytest.raises(EFTError, match="speculative"):
             eft.generate("Hello world", max_tokens=3, speculative=bad)
+
+
+@pytest.mark.parametrize("speculative", [None, 3])
+def test_ignore_eos_always_reaches_max_tokens(eft, speculative):
+    ends = set(eft.end_tokens())
+    assert ends == {2, 4}  # </s> and <|im_end|> in the tiny vocabulary
+    for seed in range(3):
+        out = eft.generate("Hello world", temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=120,
+                           seed=seed, ignore_eos=True, speculative=speculative)
+        assert len(out.tokens) == 120 and out.finish_reason == "length"
+        assert not ends & set(out.tokens)
