@@ -338,3 +338,10 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
         ev.write_results(results, output)
     if plot:
         ev.plot(results, plot)
+
+
+# Registered last: cli_models imports handle_errors from this module.
+from .cli_models import models, pull  # noqa: E402
+
+main.add_command(pull)
+main.add_command(models)

@@ -117,7 +117,7 @@ class EFT:
         keys = {role: (os.path.realpath(paths[role]), views[role]) for role in ROLES}
         unique = list(dict.fromkeys(keys.values()))
         self.concurrent = DEFAULT_CONCURRENT if concurrent is None else bool(concurrent)
-        cores = os.cpu_count() or 1
+        cores = int(os.environ.get("EFT_LOCAL_THREADS") or os.cpu_count() or 1)
         default_threads = max(1, cores // len(unique)) if self.concurrent else cores
         threads = per_role(n_threads, "n_threads", default_threads)
         gpu_layers = per_role(n_gpu_layers, "n_gpu_layers", 0)

@@ -100,7 +100,8 @@ def check_pair(a: VocabInfo, b: VocabInfo) -> list[str]:
     problems = []
     if a.tokenizer_model != b.tokenizer_model:
         problems.append(f"different tokenizers ({a.tokenizer_model!r} vs {b.tokenizer_model!r})")
-    if a.bos_id != b.bos_id:
+    if a.bos_id != b.bos_id and (a.add_bos or b.add_bos):
+        # BOS only matters where a model puts it in front of every prompt.
         problems.append(f"different BOS ids ({a.bos_id} vs {b.bos_id})")
     if a.add_bos != b.add_bos:
         problems.append(f"different add-BOS rules ({a.add_bos} vs {b.add_bos})")
@@ -122,6 +123,8 @@ def check_pair(a: VocabInfo, b: VocabInfo) -> list[str]:
     notes = []
     if a.n_vocab != b.n_vocab:
         notes.append(f"{a.name} has {a.n_vocab} ids and {b.name} {b.n_vocab}: the extra ids are padding")
+    if a.bos_id != b.bos_id and not problems:
+        notes.append(f"BOS ids differ ({a.name}: {a.bos_id}, {b.name}: {b.bos_id}); neither model adds BOS")
     if a.eos_id != b.eos_id:
         # Instruct models often mark their end-of-turn token as EOS; ids still mean the same text.
         notes.append(f"EOS ids differ ({a.name}: {a.eos_id}, {b.name}: {b.eos_id}); the tuned model's end tokens stop generation")

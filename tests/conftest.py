@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One thread per model: with every core each, llama.cpp's spinning worker threads slow runs
+# many times over whenever anything else shares the machine.
+os.environ.setdefault("EFT_LOCAL_THREADS", "1")
 
 import real_models
 from tiny_gguf import write_tiny_llama
