@@ -258,6 +258,16 @@ def test_different_eos_is_only_a_note(vocabs):
     assert "EOS" in report.notes[0] and str(IM_END_ID) in report.notes[0]
 
 
+def test_different_bos_is_only_a_note_when_no_model_adds_it(vocabs):
+    # SmolLM2's instruct GGUF marks <|im_start|> as BOS, its base <|endoftext|>; neither adds BOS.
+    base = dataclasses.replace(vocabs["base"], add_bos=False)
+    tuned = dataclasses.replace(vocabs["tuned"], add_bos=False, bos_id=IM_END_ID)
+    report = check_vocabularies({"base": base, "tuned": tuned})
+    assert len(report.notes) == 1 and "BOS" in report.notes[0]
+    with pytest.raises(EFTError, match="BOS ids"):
+        check_vocabularies({"base": vocabs["base"], "tuned": dataclasses.replace(vocabs["tuned"], bos_id=IM_END_ID)})
+
+
 def test_notes_are_not_repeated(vocabs):
     tuned = dataclasses.replace(vocabs["tuned"], pre="llama-bpe")
     ref = dataclasses.replace(vocabs["reference"], pre="llama-bpe", path=vocabs["tuned"].path)
