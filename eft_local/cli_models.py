@@ -36,8 +36,8 @@ def _handle_errors(f: Callable) -> Callable:
 def pull(recipe: str, quiet: bool) -> None:
     """Download the models of RECIPE into the Hugging Face cache and print their paths.
 
-    Files already downloaded are not fetched again; each new file is checked against the size
-    and sha256 the hub reports. See `eft-local models` for the recipes.
+    Files already downloaded are not fetched again; an interrupted download resumes where it
+    stopped; each new file is checked against the size and sha256 the hub reports. See `eft-local models` for the recipes.
     """
     paths = rc.pull(recipe, progress=not quiet)
     for role, path in paths.items():

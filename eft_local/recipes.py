@@ -8,30 +8,39 @@ Hub settings are read from the environment at call time (``HF_ENDPOINT``, ``HF_H
 ``HF_HOME``, ``HF_HUB_OFFLINE``) and passed to huggingface-hub explicitly, because
 ``huggingface_hub.constants`` freezes them when the package is first imported.
 
-Downloads are ``hf_hub_download``'s own. A connection that drops mid-file is resumed within the
-same call with a ``Range`` request (huggingface-hub retries up to five times without progress).
-A call that fails or is interrupted (Ctrl-C) keeps nothing in huggingface-hub 2.x, which writes
-to a per-call temporary file and deletes it; 0.x kept ``<blob>.incomplete`` and resumed it on the
-next pull. Either way a later pull completes the file.
+Downloads resume. ``pull`` asks the hub for a file's commit, etag and size, then streams it with
+huggingface-hub's HTTP session into ``blobs/<etag>.incomplete`` in the repo's cache folder (the
+name huggingface-hub 0.x used; ``hf cache scan`` lists such files and ``hf cache prune`` deletes
+them), appending bytes as they arrive. A dropped connection or a busy server is retried within the
+call with a ``Range`` request for the rest (five attempts in a row without new bytes end the call).
+A pull that fails or is interrupted (Ctrl-C) keeps the partial file and the next pull continues
+it; a server that ignores ``Range`` is read from the start. The complete file is renamed to
+``blobs/<etag>``, linked from ``snapshots/<commit>/<file>`` and named by ``refs/<revision>``:
+huggingface-hub's own layout, so its lookups find it. Files stored with Xet come over plain HTTP
+too. huggingface-hub's lock for the blob (``.locks/<repo>/<etag>.lock``) keeps two pulls from
+writing the same partial file.
 
-Checks: huggingface-hub compares the bytes received with the size the hub reported. After a
-download the file's size is compared again, and its content with the etag the hub reported:
-sha256 for LFS files (every GGUF), the git blob id for small files. Hashing reads the file once
-(about 20-40 s for 40 GB), so files already in the cache get the size check only; one that fails
-it is downloaded again. A fresh download that fails a check is deleted from the cache.
+Checks: the size the server announces must be the one the hub reported. A complete download is
+checked against the hub's size and etag (sha256 for LFS files, i.e. every GGUF; the git blob id
+for small files), and one that fails is deleted, resumed bytes included. Hashing reads the file
+once (about 20-40 s for 40 GB), so files already in the cache get the size check only; one that
+fails it is downloaded again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import re
+import shutil
 import sys
+import time
 import tomllib
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import EFTError
 
@@ -266,40 +275,82 @@ def status(recipe: str | Recipe) -> dict[str, bool]:
 # ---------------------------------------------------------------------------------------------
 # Downloading
 
+_RETRIES = 5  # attempts in a row that receive no new bytes before a pull gives up
+_RETRY_WAIT_S = 1.0  # first pause between attempts; it doubles up to _RETRY_WAIT_MAX_S
+_RETRY_WAIT_MAX_S = 8.0
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+_PARTIAL_SUFFIX = ".incomplete"
+
 
 class _NoProgress:
-    """A progress bar that shows nothing (passed as huggingface-hub's tqdm_class)."""
+    """A progress bar that shows nothing."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    n = 0
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+    def refresh(self) -> None:
         pass
 
-    def __enter__(self) -> "_NoProgress":
-        return self
+    def close(self) -> None:
+        pass
 
-    def __exit__(self, *exc: Any) -> bool:
-        return False
 
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+def _progress_bar(desc: str, total: int | None, initial: int, enabled: bool) -> Any:
+    """huggingface-hub's tqdm, so ``HF_HUB_DISABLE_PROGRESS_BARS`` and its helpers apply."""
+    if not enabled:
+        return _NoProgress()
+    from huggingface_hub.utils import tqdm
+
+    if len(desc) > 40:
+        desc = f"(…){desc[-40:]}"
+    # disable=None: tqdm's own rule, no bar when stderr is not a terminal.
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, disable=None)
 
 
 class _Mismatch(Exception):
     """A downloaded file differs from what the hub reported."""
 
 
+class _Retry(Exception):
+    """An answer worth asking again for (a busy or failing server, a stream that ended early)."""
+
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
+# Exception types of whichever HTTP stack huggingface-hub loaded: httpx2 (2.x), httpx (1.x), requests (0.x).
+_NETWORK_NAMES = (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                  ("requests", ("ConnectionError", "Timeout", "exceptions.ChunkedEncodingError")),
+                  ("urllib3", ("exceptions.ProtocolError", "exceptions.TimeoutError")))
+_RETRY_NAMES = (("httpx2", ("NetworkError", "TimeoutException", "RemoteProtocolError")),
+                ("httpx", ("NetworkError", "TimeoutException", "RemoteProtocolError")),
+                ("requests", ("ConnectionError", "Timeout", "exceptions.ChunkedEncodingError")),
+                ("urllib3", ("exceptions.ProtocolError", "exceptions.TimeoutError")))
+
+
+def _loaded_types(spec: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in spec:
+        mod = sys.modules.get(module)
+        for name in names if mod is not None else ():
+            obj: Any = mod
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, type):
+                types.append(obj)
+    return tuple(types)
+
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exception types meaning "could not talk to the hub", for whichever HTTP stack is loaded."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    # Only modules already imported by huggingface-hub: httpx2 (2.x), httpx (1.x), requests (0.x).
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
-        mod = sys.modules.get(module)
-        types += [getattr(mod, n) for n in names if mod is not None and isinstance(getattr(mod, n, None), type)]
-    return tuple(types)
+    """Exception types meaning "could not talk to the hub"."""
+    return _loaded_types(_NETWORK_NAMES)
+
+
+def _retry_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of a transfer that may succeed when tried again (not e.g. a bad proxy URL)."""
+    return _loaded_types(_RETRY_NAMES) + (_Retry,)
 
 
 def _first_line(e: BaseException) -> str:
@@ -329,12 +380,15 @@ def _download_error(ref: ModelRef, endpoint: str, e: BaseException) -> EFTError:
     elif isinstance(e, hfu.HfHubHTTPError):
         code = getattr(getattr(e, "response", None), "status_code", None)
         why = f"HTTP {code}: {_first_line(e)}" if code else _first_line(e)
-    elif isinstance(e, OSError):
+    elif isinstance(e, (OSError, _Retry)):
         why = _first_line(e)
     else:
         why = f"{type(e).__name__}: {_first_line(e)}"
-    rev = f" (revision {ref.revision})" if ref.revision else ""
-    return EFTError(f"cannot download {ref.file} from {ref.repo}{rev}: {why}")
+    return EFTError(f"cannot download {ref.file} from {ref.repo}{_rev(ref)}: {why}")
+
+
+def _rev(ref: ModelRef) -> str:
+    return f" (revision {ref.revision})" if ref.revision else ""
 
 
 def _file_matches(path: Path, etag: str | None, size: int | None, *, check_size: bool, hash_it: bool) -> None:
@@ -379,19 +433,221 @@ def _remove_cached(path: Path) -> None:
                 pass
 
 
-def _hf_download(ref: ModelRef, cache: Path, endpoint: str, progress: bool) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    kwargs: dict[str, Any] = {}
-    if not progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
-        kwargs["tqdm_class"] = _NoProgress
+def _size(path: Path) -> int:
     try:
-        return Path(hf_hub_download(ref.repo, ref.file, revision=ref.revision, cache_dir=cache,
-                                    endpoint=endpoint, **kwargs))
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _download_timeout() -> float:
+    """Seconds to wait for the server between bytes (huggingface-hub's ``HF_HUB_DOWNLOAD_TIMEOUT``)."""
+    try:
+        return float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or 10)
+    except ValueError:
+        return 10.0
+
+
+@contextmanager
+def _get(url: str, headers: dict[str, str]) -> Iterator[tuple[Any, Any]]:
+    """A streaming GET on huggingface-hub's shared session: (response, chunk iterator factory).
+
+    Chunks come as the network delivers them, so everything received is written before an
+    error surfaces. The session is httpx2 or httpx (huggingface-hub 1.x and later) or requests (0.x).
+    """
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    if callable(getattr(session, "stream", None)):  # requests.Session.stream is a flag
+        with session.stream("GET", url, headers=headers, timeout=_download_timeout(), follow_redirects=True) as r:
+            yield r, r.iter_bytes
+    else:
+        with session.get(url, headers=headers, timeout=_download_timeout(), stream=True) as r:
+            yield r, lambda: _raw_chunks(r)
+
+
+def _raw_chunks(response: Any) -> Iterator[bytes]:
+    """A requests body as it arrives: urllib3 2's ``read1`` hands over what came before a drop."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # urllib3 1 loses at most one chunk
+        yield from response.iter_content(chunk_size=1 << 16)
+        return
+    while chunk := read1(1 << 20):
+        yield chunk
+
+
+def _resume_offset(response: Any, have: int) -> int:
+    """Where the body starts in the file: ``have`` for a matching 206, else 0 (start over)."""
+    if not have or response.status_code != 206:
+        return 0
+    m = re.match(r"\s*bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
+    return have if m and int(m[1]) == have else -1
+
+
+def _announced_size(response: Any, start: int) -> int | None:
+    """The file size the answer implies (Content-Range total, else start + Content-Length)."""
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None  # a compressed body's length says nothing about the file
+    m = re.search(r"/(\d+)\s*$", response.headers.get("Content-Range", ""))
+    if m:
+        return int(m[1])
+    length = response.headers.get("Content-Length")
+    return start + int(length) if length and length.isdigit() else None
+
+
+def _fetch(url: str, headers: dict[str, str], partial: Path, size: int | None, desc: str, progress: bool) -> None:
+    """Bring ``partial`` up to the whole file, asking only for the bytes it lacks.
+
+    Bytes are appended as they arrive, so a dropped connection, a crash or Ctrl-C keeps all that
+    was received. Raises _Mismatch when the server offers a file of another size than the hub
+    reported, and the HTTP stack's own error after _RETRIES attempts in a row without progress.
+    """
+    from huggingface_hub.utils import hf_raise_for_status
+
+    retry_errors = _retry_errors()
+    misses, wait = 0, _RETRY_WAIT_S
+    bar = None
+    try:
+        while True:
+            have = _size(partial)
+            if size is not None and have > size:  # longer than the file: not a prefix of it
+                partial.unlink()
+                have = 0
+            if size is not None and have == size:
+                return
+            if bar is None:
+                bar = _progress_bar(desc, size, have, progress)
+            got = 0
+            try:
+                # identity: a compressed body would not line up with byte offsets into the file.
+                asked = {**headers, "Accept-Encoding": "identity"}
+                if have:
+                    asked["Range"] = f"bytes={have}-"
+                with _get(url, asked) as (response, chunks):
+                    status = response.status_code
+                    if status == 416 and have:  # the server's file is shorter than the partial one
+                        partial.unlink()
+                        continue
+                    if status in _RETRY_STATUS and misses + 1 < _RETRIES:
+                        raise _Retry(f"HTTP {status}")
+                    if status >= 400:
+                        if hasattr(response, "read"):
+                            response.read()  # error details are in the body; httpx streams must be read first
+                        hf_raise_for_status(response)
+                    start = _resume_offset(response, have)
+                    if start < 0:  # a range other than the one asked for: drop the partial file
+                        partial.unlink()
+                        continue
+                    announced = _announced_size(response, start)
+                    if size is not None and announced is not None and announced != size:
+                        partial.unlink(missing_ok=True)
+                        raise _Mismatch(f"the server offers {announced} bytes, the hub reports size {size}")
+                    bar.update(start - bar.n)  # back to 0 when the server ignored Range
+                    with open(partial, "ab" if start else "wb") as f:
+                        for chunk in chunks():
+                            f.write(chunk)
+                            got += len(chunk)
+                            bar.update(len(chunk))
+                have = _size(partial)
+                if size is None or have == size:
+                    return
+                if have > size:
+                    partial.unlink()
+                    raise _Mismatch(f"received {have} bytes, the hub reports size {size}")
+                raise _Retry(f"the connection closed after {have} of {size} bytes")
+            except retry_errors:
+                misses = 0 if got else misses + 1
+                if got:
+                    wait = _RETRY_WAIT_S
+                if misses >= _RETRIES:
+                    raise
+                time.sleep(wait)
+                wait = min(wait * 2, _RETRY_WAIT_MAX_S)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@contextmanager
+def _blob_lock(cache: Path, repo: str, etag: str) -> Iterator[None]:
+    """huggingface-hub's own lock for a blob, so a concurrent pull (or hf_hub_download) waits."""
+    path = cache / ".locks" / _repo_folder(repo) / f"{etag}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from huggingface_hub.utils import WeakFileLock as lock
+    except ImportError:  # older huggingface-hub
+        from filelock import FileLock as lock
+    with lock(path):
+        yield
+
+
+def _link(blob: Path, pointer: Path, new_blob: bool) -> None:
+    """Make ``snapshots/<commit>/<file>`` point at its blob, as huggingface-hub's ``_create_symlink`` does.
+
+    A relative link (the cache folder can move); where links fail or are switched off
+    (``HF_HUB_DISABLE_SYMLINKS``) the snapshot entry holds the file itself.
+    """
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(pointer):
+        pointer.unlink()
+    if not _truthy(os.environ.get("HF_HUB_DISABLE_SYMLINKS")):
+        try:
+            os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+            return
+        except OSError:
+            pass  # e.g. Windows without developer mode, some network file systems
+    if new_blob:
+        shutil.move(blob, pointer)
+    else:
+        shutil.copyfile(blob, pointer)  # the blob may be linked from other snapshots too
+
+
+def _write_ref(storage: Path, revision: str, commit: str) -> None:
+    """``refs/<revision>`` = commit, written atomically (huggingface-hub's ``_cache_commit_hash_for_specific_revision``)."""
+    if revision == commit:
+        return
+    ref = storage / "refs" / revision
+    if ref.is_file() and ref.read_text() == commit:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f"{ref.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
+
+
+def _download_blob(ref: ModelRef, endpoint: str, commit: str, blob: Path, etag: str, size: int | None,
+                   progress: bool) -> None:
+    """Download (or finish downloading) one file, check it and move it to ``blob``."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    partial = blob.with_name(blob.name + _PARTIAL_SUFFIX)
+    # The commit, not the branch: bytes appended later must come from the same file. The hub
+    # redirects each request to a freshly signed CDN address, so a long pull never holds an expired one.
+    url = hf_hub_url(ref.repo, ref.file, revision=commit, endpoint=endpoint)
+    resumed = _size(partial)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _fetch(url, build_hf_headers(), partial, size, ref.file, progress)
     except KeyboardInterrupt:
         raise
+    except _Mismatch as m:
+        raise EFTError(f"cannot download {ref.file} from {ref.repo}{_rev(ref)}: {m}") from None
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming repo and file
-        raise _download_error(ref, endpoint, e) from None
+        error = _download_error(ref, endpoint, e)
+        kept = _size(partial)
+        if kept:
+            of = f" of {size}" if size is not None else ""
+            error = EFTError(f"{error}; kept {kept}{of} bytes, run the pull again to resume")
+        raise error from None
+    try:
+        _file_matches(partial, etag, size, check_size=True, hash_it=True)
+    except _Mismatch as m:
+        partial.unlink(missing_ok=True)
+        how = f"; it resumed a partial download of {resumed} bytes" if resumed else ""
+        raise EFTError(f"{ref.file} from {ref.repo} does not match what {endpoint} reports ({m}{how}); "
+                       f"removed it, run the pull again") from None
+    os.replace(partial, blob)
 
 
 def _pull_hub(ref: ModelRef, cache: Path, endpoint: str, progress: bool) -> Path:
@@ -403,8 +659,8 @@ def _pull_hub(ref: ModelRef, cache: Path, endpoint: str, progress: bool) -> Path
         if cached is not None:
             return cached
         raise EFTError(f"cannot download {ref.file} from {ref.repo}: offline mode is on (HF_HUB_OFFLINE); unset it to download")
-    # Ask the hub first: the answer (etag, size) is what the file is checked against, and a
-    # missing repo or file fails here before anything is written to the cache.
+    # Ask the hub first: the answer (commit, etag, size) names the cache entries and is what the
+    # file is checked against, and a missing repo or file fails here before anything is written.
     try:
         meta = get_hf_file_metadata(hf_hub_url(ref.repo, ref.file, revision=ref.revision, endpoint=endpoint))
     except KeyboardInterrupt:
@@ -413,29 +669,36 @@ def _pull_hub(ref: ModelRef, cache: Path, endpoint: str, progress: bool) -> Path
         if cached is not None and isinstance(e, _network_errors()):
             return cached  # the hub is unreachable; what is cached is still usable
         raise _download_error(ref, endpoint, e) from None
-    etag, size = meta.etag, meta.size
-    blob = cache / _repo_folder(ref.repo) / "blobs" / etag if etag else None
-    had_blob = blob is not None and blob.is_file()
+    commit, etag, size = meta.commit_hash, meta.etag, meta.size
+    if not all(name and "/" not in name and not name.startswith(".") for name in (commit, etag)):
+        raise EFTError(f"cannot download {ref.file} from {ref.repo}{_rev(ref)}: {endpoint} did not report the file's "
+                       f"commit and etag (is HF_ENDPOINT a Hugging Face hub?)")
+    storage = cache / _repo_folder(ref.repo)
+    blob = storage / "blobs" / etag
+    pointer = storage / "snapshots" / commit / ref.file
+    revision = ref.revision or "main"
 
-    for attempt in (1, 2):
-        path = _hf_download(ref, cache, endpoint, progress)
-        # The blob a snapshot links to is named by the etag huggingface-hub downloaded against;
-        # if the hub changed between the two requests, check against that etag, not ours.
-        blob_entry = _blob_entry(path)
-        used = blob_entry.name if blob_entry is not None else etag
-        try:
-            # Size is a stat; hashing reads the whole file, so it is done once, right after a
-            # download, and not again for files that were already in the cache.
-            _file_matches(path, used, size, check_size=(used == etag), hash_it=not had_blob)
-            return path
-        except _Mismatch as m:
-            _remove_cached(path)
-            if had_blob and attempt == 1:
-                had_blob = False  # a cached copy went bad on disk: download it again, once
-                continue
-            raise EFTError(f"{ref.file} from {ref.repo} does not match what {endpoint} reports ({m}); "
-                           f"removed it, run the pull again") from None
-    raise AssertionError("unreachable")
+    # Already there: a size check only (hashing is for fresh downloads). Before taking the lock,
+    # so a read-only cache that holds the file still works.
+    if pointer.is_file():
+        if size is None or pointer.stat().st_size == size:
+            try:
+                _write_ref(storage, revision, commit)
+            except OSError:
+                pass
+            return pointer
+        _remove_cached(pointer)  # damaged on disk: fetch it again
+
+    with _blob_lock(cache, ref.repo, etag):
+        new_blob = False
+        # The blob may be there without this snapshot's link (another revision, or another pull
+        # that finished while this one waited for the lock).
+        if not (blob.is_file() and (size is None or blob.stat().st_size == size)):
+            _download_blob(ref, endpoint, commit, blob, etag, size, progress)
+            new_blob = True
+        _link(blob, pointer, new_blob)
+        _write_ref(storage, revision, commit)
+    return pointer
 
 
 def pull(recipe: str | Recipe, progress: bool = True) -> dict[str, Path]:

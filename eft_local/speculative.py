@@ -51,11 +51,26 @@ class SpecStats:
         }
 
 
-def next_draft_length(k: int, accepted: int, drafted: int) -> int:
-    """``--speculative auto``: lengthen the draft after a full acceptance, shorten it after a miss."""
-    if accepted == drafted:
-        return min(k + 2, MAX_DRAFT)
-    return max(1, min(k - 1, accepted + 1))
+class DraftTuner:
+    """``--speculative auto``: pick the draft length with the lowest measured time per token.
+
+    Each round's seconds per emitted token updates an average for its k; the tuner tries the
+    untried neighbours of the best k, then settles on the best. Cost is measured rather than
+    modelled because it depends on the machine (how much a batch of k costs the large model).
+    """
+
+    def __init__(self, k: int = 4):
+        self.k = k
+        self.cost: dict[int, float] = {}
+
+    def update(self, seconds: float, emitted: int) -> int:
+        """Record a round of the current k; return the k for the next round."""
+        c = seconds / max(emitted, 1)
+        self.cost[self.k] = c if self.k not in self.cost else 0.7 * self.cost[self.k] + 0.3 * c
+        best = min(self.cost, key=self.cost.__getitem__)
+        untried = [n for n in (best + 1, best - 1) if 1 <= n <= MAX_DRAFT and n not in self.cost]
+        self.k = untried[0] if untried else best
+        return self.k
 
 
 def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -74,8 +89,8 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
 
     Every model's cache is rolled back to the accepted prefix after each round.
     """
-    adaptive = k is None
-    k = 4 if adaptive else k
+    tuner = DraftTuner() if k is None else None
+    k = tuner.k if tuner else k
     m = eft.models
     drafter = m["tuned"]
     verifiers = [b for b in eft.backends if b is not drafter]
@@ -144,8 +159,8 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
         stats.combine_seconds += t3 - t2
-        if adaptive:
-            k = next_draft_length(k, accepted, kk)
+        if tuner:
+            k = tuner.update(t3 - t0, accepted + 1)
 
         yield from drafts[:accepted]
         token = new_token

@@ -1,9 +1,10 @@
 """A stand-in for the Hugging Face hub's file endpoints, on 127.0.0.1, for download tests.
 
-It answers what ``hf_hub_download`` asks: HEAD and GET on ``/{repo_id}/resolve/{revision}/{file}``
-with ``X-Repo-Commit``, ``ETag`` (plus ``X-Linked-Etag`` / ``X-Linked-Size`` for LFS files),
-``Content-Length``, ``Range`` requests (206) and the hub's ``X-Error-Code`` on errors. It never
-sends Xet headers, so huggingface-hub uses plain HTTP. Faults can be injected per file.
+It answers what ``eft-local pull`` and ``hf_hub_download`` ask: HEAD and GET on
+``/{repo_id}/resolve/{revision}/{file}`` with ``X-Repo-Commit``, ``ETag`` (plus ``X-Linked-Etag`` /
+``X-Linked-Size`` for LFS files), ``Content-Length``, ``Range`` requests (206, or 416 past the end)
+and the hub's ``X-Error-Code`` on errors. It never sends Xet headers. Faults can be injected per
+file: dropped connections, error answers, wrong content, ignored ``Range``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import re
 import secrets
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,8 @@ class HostedFile:
     # Fault: the next GETs close the connection after this many body bytes each (one per GET).
     drops: list[int] = field(default_factory=list)
     served: bytes | None = None  # what GET sends instead of ``data`` (HEAD still describes ``data``)
+    honours_range: bool = True  # False: GET always answers 200 with the whole body, as some proxies do
+    statuses: list[int] = field(default_factory=list)  # fault: the next GETs answer with these codes (one per GET)
 
     @property
     def sha256(self) -> str:
@@ -86,7 +90,7 @@ class StandInHub:
             pass
 
         Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -104,6 +108,13 @@ class StandInHub:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-answer (an interrupted pull) is expected here, not a failure.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -153,13 +164,24 @@ class _Handler(BaseHTTPRequestHandler):
         if hosted is None:
             return self._error(404, "EntryNotFound", repo)
 
+        if not head:
+            with self.hub._lock:
+                status = hosted.statuses.pop(0) if hosted.statuses else None
+            if status is not None:
+                return self._error(status, None, repo)
         body = hosted.data if head or hosted.served is None else hosted.served
         start = 0
         rng = self.headers.get("Range")
-        if rng and not head:
+        if rng and not head and hosted.honours_range:
             rm = _RANGE.match(rng.strip())
             if rm:
                 start = int(rm[1])
+        if start and start >= len(body):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         status = 206 if start else 200
         self.send_response(status)
         self.send_header("X-Repo-Commit", self.hub.commits[repo])

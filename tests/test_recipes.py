@@ -24,7 +24,6 @@ from eft_local.errors import EFTError
 from stand_in_hub import StandInHub, closed_port
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-CHUNK = 64 * 1024  # huggingface-hub's download chunk, made small so a partial transfer keeps bytes
 
 
 @pytest.fixture(autouse=True)
@@ -65,27 +64,26 @@ def hf_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def hub(hf_home, monkeypatch):
     """A running stand-in hub that HF_ENDPOINT points at."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants, file_download
 
     server = StandInHub().start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     # huggingface-hub reads these once at import: patched so that what it does on its own (2.x
     # fetches an agent registry from ENDPOINT) stays on the stand-in and out of the real home.
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)  # 0.x's own copy
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(hf_home / "agents.json"), raising=False)
-    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK, raising=False)
     yield server
     server.stop()
 
 
 @pytest.fixture
 def no_retry_wait(monkeypatch):
-    """huggingface-hub waits 1 s before retrying a broken transfer; tests need not."""
-    from huggingface_hub import file_download
-
-    monkeypatch.setattr(file_download.time, "sleep", lambda s: None)
+    """A pull pauses before asking again after a dropped connection; tests need not."""
+    monkeypatch.setattr(rc, "_RETRY_WAIT_S", 0.0)
 
 
 def write_recipes(folder: Path, text: str) -> Path:
@@ -130,6 +128,28 @@ def snapshot_files(hf_home: Path, repo: str) -> list[Path]:
 def blob_files(hf_home: Path, repo: str) -> list[str]:
     blobs = hf_home / "hub" / ("models--" + repo.replace("/", "--")) / "blobs"
     return sorted(p.name for p in blobs.iterdir()) if blobs.exists() else []
+
+
+def partial_file(hf_home: Path, ref: rc.ModelRef, hub: StandInHub) -> Path:
+    """Where a pull keeps the bytes of an unfinished download: ``blobs/<sha256>.incomplete``."""
+    hosted = hub.files[(ref.repo, ref.file)]
+    return hf_home / "hub" / ("models--" + ref.repo.replace("/", "--")) / "blobs" / (hosted.sha256 + ".incomplete")
+
+
+def range_start(request) -> int | None:
+    m = re.fullmatch(r"bytes=(\d+)-", request.headers.get("range", ""))
+    return int(m[1]) if m else None
+
+
+def fail_midway(recipe: rc.Recipe, role: str, hub: StandInHub, after: int) -> None:
+    """A pull whose connection delivers ``after`` bytes of the file, then keeps dropping until the pull gives up."""
+    ref = recipe.models[role]
+    hosted = hub.files[(ref.repo, ref.file)]
+    hosted.drops = [after] + [0] * 50
+    with pytest.raises(EFTError, match=rf"^cannot download {re.escape(ref.file)} from {ref.repo}: cannot reach .*; "
+                                       rf"kept {after} of {len(hosted.data)} bytes, run the pull again to resume$"):
+        rc.pull(recipe, progress=False)
+    hosted.drops.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,30 +282,183 @@ def test_dropped_connection_resumes_with_a_range_request(trio, hub, hf_home, no_
     gets = hub.gets(ref.file)
     assert len(gets) == 2
     assert "range" not in gets[0].headers
-    m = re.fullmatch(r"bytes=(\d+)-", gets[1].headers.get("range", ""))
-    assert m, gets[1].headers
-    # huggingface-hub writes whole chunks, so it resumes at the last chunk boundary it stored.
-    assert 0 < int(m[1]) <= half
+    assert range_start(gets[1]) == half  # every byte received was kept
     assert not [b for b in blob_files(hf_home, ref.repo) if b.endswith(".incomplete")]
 
 
-def test_pull_that_fails_midway_leaves_nothing_and_the_next_one_completes(trio, hub, hf_home, no_retry_wait):
+def test_failed_pull_keeps_the_partial_file_and_the_next_pull_resumes(trio, hub, hf_home, no_retry_wait):
+    recipe, data = trio
+    ref = recipe.models["base"]
+    half = len(data["base"]) // 2
+    fail_midway(recipe, "base", hub, half)
+    partial = partial_file(hf_home, ref, hub)
+    assert partial.read_bytes() == data["base"][:half]
+    assert snapshot_files(hf_home, ref.repo) == []
+    assert rc.status(recipe)["base"] is False
+    with pytest.raises(EFTError, match="not downloaded"):
+        rc.resolve(recipe)
+
+    before = len(hub.gets(ref.file))
+    paths = rc.pull(recipe, progress=False)
+    assert paths["base"].read_bytes() == data["base"]
+    gets = hub.gets(ref.file)[before:]
+    assert [range_start(g) for g in gets] == [half]  # one request, for the rest only
+    assert not partial.exists()
+    assert not [b for b in blob_files(hf_home, ref.repo) if "incomplete" in b]
+
+
+class InterruptingBar(rc._NoProgress):
+    """A progress bar that acts like Ctrl-C once ``after`` bytes have been written."""
+
+    def __init__(self, after: int) -> None:
+        self.n, self.after = 0, after
+
+    def update(self, k: int = 1) -> None:
+        super().update(k)
+        if self.n >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(trio, hub, hf_home, monkeypatch):
+    recipe, data = trio
+    ref = recipe.models["base"]
+    real_bar = rc._progress_bar
+    monkeypatch.setattr(rc, "_progress_bar", lambda desc, total, initial, enabled: InterruptingBar(100_000))
+    with pytest.raises(KeyboardInterrupt):
+        rc.pull(recipe, progress=False)
+    partial = partial_file(hf_home, ref, hub)
+    kept = partial.stat().st_size
+    assert 100_000 <= kept < len(data["base"])
+    assert partial.read_bytes() == data["base"][:kept]
+    assert snapshot_files(hf_home, ref.repo) == []
+
+    monkeypatch.setattr(rc, "_progress_bar", real_bar)
+    before = len(hub.gets(ref.file))
+    paths = rc.pull(recipe)  # progress on: the bar starts at the resumed offset
+    assert paths["base"].read_bytes() == data["base"]
+    assert [range_start(g) for g in hub.gets(ref.file)[before:]] == [kept]
+    assert not partial.exists()
+
+
+def test_a_server_that_ignores_range_still_gives_the_right_file(trio, hub, hf_home, no_retry_wait):
     recipe, data = trio
     ref = recipe.models["base"]
     hosted = hub.files[(ref.repo, ref.file)]
-    # Part of the file, then a connection that keeps dropping until huggingface-hub gives up.
-    hosted.drops = [len(data["base"]) // 2] + [0] * 50
-    with pytest.raises(EFTError, match=r"cannot download base.Q4_K_M.gguf from org/base-GGUF: cannot reach") as info:
-        rc.pull(recipe, progress=False)
-    assert "\n" not in str(info.value)
-    assert snapshot_files(hf_home, ref.repo) == []
-    assert rc.status(recipe)["base"] is False
-    hosted.drops.clear()
+    fail_midway(recipe, "base", hub, 50_000)
+    hosted.honours_range = False
+    hosted.drops = [200_000]  # and it drops again: the retry asks for a range and again gets it all
+    before = len(hub.gets(ref.file))
     paths = rc.pull(recipe, progress=False)
     assert paths["base"].read_bytes() == data["base"]
-    # huggingface-hub 2.x deletes a failed call's partial file (0.x kept `<blob>.incomplete` and
-    # resumed it): either way nothing partial is left once the pull has completed.
-    assert not [b for b in blob_files(hf_home, ref.repo) if "incomplete" in b]
+    assert [range_start(g) for g in hub.gets(ref.file)[before:]] == [50_000, 200_000]
+    assert not partial_file(hf_home, ref, hub).exists()
+
+
+def test_a_busy_server_is_asked_again(trio, hub, no_retry_wait):
+    recipe, data = trio
+    base, tuned = recipe.models["base"], recipe.models["tuned"]
+    hub.files[(base.repo, base.file)].statuses = [503, 429]  # busy twice, then fine
+    hub.files[(tuned.repo, tuned.file)].statuses = [503] * 10  # down for longer than a pull waits
+    with pytest.raises(EFTError, match=r"^cannot download tuned.Q8_0.gguf from org/tuned-GGUF: HTTP 503"):
+        rc.pull(recipe, progress=False)
+    assert len(hub.gets(base.file)) == 3 and len(hub.gets(tuned.file)) == rc._RETRIES
+    assert rc.status(recipe)["base"] is True
+    hub.files[(tuned.repo, tuned.file)].statuses.clear()
+    assert rc.pull(recipe, progress=False)["tuned"].read_bytes() == data["tuned"]
+
+
+def test_a_corrupted_partial_file_is_caught_and_removed(trio, hub, hf_home, no_retry_wait):
+    recipe, data = trio
+    ref = recipe.models["tuned"]
+    fail_midway(recipe, "tuned", hub, 40_000)
+    partial = partial_file(hf_home, ref, hub)
+    partial.write_bytes(os.urandom(40_000))  # right length, wrong bytes: only sha256 can tell
+    with pytest.raises(EFTError, match=r"^tuned.Q8_0.gguf from org/tuned-GGUF does not match what .* reports "
+                                       r"\(content hash .*; it resumed a partial download of 40000 bytes\); "
+                                       r"removed it, run the pull again$"):
+        rc.pull(recipe, progress=False)
+    assert not partial.exists()
+    assert blob_files(hf_home, ref.repo) == [] and snapshot_files(hf_home, ref.repo) == []
+    before = len(hub.gets(ref.file))
+    assert rc.pull(recipe, progress=False)["tuned"].read_bytes() == data["tuned"]
+    assert [range_start(g) for g in hub.gets(ref.file)[before:]] == [None]  # from the start
+
+
+def test_a_partial_file_longer_than_the_hub_file_is_started_over(trio, hub, hf_home):
+    recipe, data = trio
+    ref = recipe.models["tuned"]
+    partial = partial_file(hf_home, ref, hub)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * (len(data["tuned"]) + 10))
+    assert rc.pull(recipe, progress=False)["tuned"].read_bytes() == data["tuned"]
+    assert [range_start(g) for g in hub.gets(ref.file)] == [None]
+
+
+def test_a_416_answer_drops_the_partial_file(trio, hub, hf_home):
+    recipe, data = trio
+    ref = recipe.models["tuned"]
+    hosted = hub.files[(ref.repo, ref.file)]
+    partial = partial_file(hf_home, ref, hub)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data["tuned"][:50_000])
+    hosted.served = data["tuned"][:30_000]  # the server has less than the partial file holds
+    with pytest.raises(EFTError, match=r"^cannot download tuned.Q8_0.gguf from org/tuned-GGUF: "
+                                       r"the server offers 30000 bytes, the hub reports size 100000$"):
+        rc.pull(recipe, progress=False)
+    assert [range_start(g) for g in hub.gets(ref.file)] == [50_000, None]
+    assert not partial.exists()
+
+
+def test_a_resumed_pull_is_in_huggingface_hubs_cache_layout(trio, hub, hf_home, monkeypatch, no_retry_wait):
+    from huggingface_hub import try_to_load_from_cache
+
+    recipe, data = trio
+    ref = recipe.models["base"]
+    hosted = hub.files[(ref.repo, ref.file)]
+    fail_midway(recipe, "base", hub, 123_456)
+    paths = rc.pull(recipe, progress=False)
+    repo_dir = hf_home / "hub" / "models--org--base-GGUF"
+    commit = hub.commits[ref.repo]
+    assert paths["base"] == repo_dir / "snapshots" / commit / ref.file
+    assert os.readlink(paths["base"]) == f"../../blobs/{hosted.sha256}"
+    assert (repo_dir / "refs" / "main").read_text() == commit
+    assert blob_files(hf_home, ref.repo) == [hosted.sha256]
+
+    hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert rc.resolve(recipe)["base"] == paths["base"]
+    found = try_to_load_from_cache(ref.repo, ref.file, cache_dir=hf_home / "hub")
+    assert found == str(paths["base"])
+    assert Path(found).read_bytes() == data["base"]
+
+
+def test_huggingface_hub_uses_a_pulled_file_without_downloading(trio, hub, hf_home):
+    from huggingface_hub import hf_hub_download
+
+    recipe, _ = trio
+    ref = recipe.models["reference"]
+    pulled = rc.pull(recipe, progress=False)["reference"]
+    gets = len(hub.gets())
+    assert hf_hub_download(ref.repo, ref.file, cache_dir=hf_home / "hub", endpoint=hub.url) == str(pulled)
+    assert len(hub.gets()) == gets
+
+
+def test_pinned_revision_and_no_symlinks(hub, hf_home, tmp_path, monkeypatch):
+    from huggingface_hub import try_to_load_from_cache
+
+    data = os.urandom(20_000)
+    hub.add("org/pinned", "m.gguf", data)
+    commit = hub.commits["org/pinned"]
+    path = write_recipes(tmp_path, f'[p]\n[p.base]\nrepo = "org/pinned"\nfile = "m.gguf"\nrevision = "{commit}"\n'
+                                   '[p.tuned]\npath = "t"\n[p.reference]\npath = "r"\n')
+    (tmp_path / "t").write_bytes(b"t")
+    (tmp_path / "r").write_bytes(b"r")
+    monkeypatch.setenv("HF_HUB_DISABLE_SYMLINKS", "1")
+    pulled = rc.pull(rc.load_recipes(path)["p"], progress=False)["base"]
+    assert not pulled.is_symlink() and pulled.read_bytes() == data  # the file itself, where links are off
+    assert not (hf_home / "hub" / "models--org--pinned" / "refs").exists()  # a commit needs no ref
+    assert try_to_load_from_cache("org/pinned", "m.gguf", cache_dir=hf_home / "hub", revision=commit) == str(pulled)
+    assert rc.resolve(rc.load_recipes(path)["p"])["base"] == pulled
 
 
 def test_missing_file_names_repo_and_file_and_writes_nothing(trio, hub, hf_home):

@@ -10,7 +10,7 @@ import pytest
 
 from eft_local import EFT, EFTError, Sampler
 from eft_local import backend as backend_module
-from eft_local.speculative import next_draft_length, residual
+from eft_local.speculative import DraftTuner, residual
 from helpers import copy_model
 
 PROMPTS = ["Hello world", "a cat and a dog", "what is the answer"]
@@ -34,11 +34,15 @@ def test_residual_is_normalised_positive_part():
     np.testing.assert_allclose(residual(p2, p2), p2)
 
 
-def test_adaptive_draft_length():
-    assert next_draft_length(4, 4, 4) == 6
-    assert next_draft_length(16, 16, 16) == 16
-    assert next_draft_length(6, 1, 6) == 2
-    assert next_draft_length(2, 0, 2) == 1
+def test_draft_tuner_settles_on_the_cheapest_length():
+    """Simulated costs: a round of k takes 1 + 0.5 k and emits k + 1 tokens (cheapest per token at
+    large k), or emits only 2 tokens past k = 3 (cheapest at k = 3)."""
+    for emitted, best in ((lambda k: k + 1, 16), (lambda k: min(k, 3) + 1, 3)):
+        tuner = DraftTuner(4)
+        for _ in range(60):
+            k = tuner.k
+            tuner.update(1 + 0.5 * k, emitted(k))
+        assert tuner.k == best
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 6, "auto"])
