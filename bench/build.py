@@ -1,6 +1,6 @@
 """Random-weight GGUF models with real shapes and a real tokenizer, for benchmarks.
 
-Weights are random Q4_0 blocks written directly (no quantisation pass), so a 1.7B-parameter
+Weights are random Q4_0 or Q8_0 blocks written directly (no quantisation pass), so a 1.7B-parameter
 file takes seconds to write. Each tensor's bytes come from a generator keyed on (seed, tensor
 name): two models with the same seed share every tensor they both have, which is how a
 "reference + no-op layers" base computes exactly the reference's function.
@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
-BLOCK, BLOCK_BYTES = gguf.GGML_QUANT_SIZES[Q4_0]
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,20 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def _q4_0(rng: np.random.Generator, n_out: int, n_in: int, zero: bool = False) -> np.ndarray:
-    """Random Q4_0 rows: per block an f16 scale and 16 bytes of 4-bit values."""
-    blocks = n_in // BLOCK
-    out = np.zeros((n_out, blocks, BLOCK_BYTES), dtype=np.uint8)
+def _blocks(qtype: gguf.GGMLQuantizationType, rng: np.random.Generator, n_out: int, n_in: int,
+            zero: bool = False) -> np.ndarray:
+    """Random Q4_0 or Q8_0 rows: per block of 32 an f16 scale, then 4-bit or 8-bit values."""
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = n_in // block
+    out = np.zeros((n_out, blocks, block_bytes), dtype=np.uint8)
     if not zero:
-        # Nibbles are uniform in [0, 16) and centred at 8, so the std of a weight is ~4.6 * scale;
-        # this scale gives weights of std 1/sqrt(n_in), keeping activations in range.
-        scale = np.float16(1.0 / (4.6 * np.sqrt(n_in)))
+        # Values are uniform (nibbles in [0, 16) centred at 8: std ~4.6; int8: std ~74); the
+        # scale gives weights of std 1/sqrt(n_in), keeping activations in range.
+        spread = 4.6 if qtype == Q4_0 else 74.0
+        scale = np.float16(1.0 / (spread * np.sqrt(n_in)))
         out[:, :, :2] = np.frombuffer(scale.tobytes(), dtype=np.uint8)
-        out[:, :, 2:] = rng.integers(0, 256, size=(n_out, blocks, BLOCK_BYTES - 2), dtype=np.uint8)
-    return out.reshape(n_out, blocks * BLOCK_BYTES)
+        out[:, :, 2:] = rng.integers(0, 256, size=(n_out, blocks, block_bytes - 2), dtype=np.uint8)
+    return out.reshape(n_out, blocks * block_bytes)
 
 
 def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> int:
@@ -76,8 +79,8 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> int:
 
 
 def write_random_llama(path: Path, shape: Shape, tokenizer_from: Path, *, seed: int,
-                       noop_layers: int = 0) -> Path:
-    """A llama GGUF of ``shape`` with random Q4_0 weights and ``tokenizer_from``'s tokenizer.
+                       noop_layers: int = 0, qtype: gguf.GGMLQuantizationType = Q4_0) -> Path:
+    """A llama GGUF of ``shape`` with random Q4_0/Q8_0 weights and ``tokenizer_from``'s tokenizer.
 
     ``noop_layers`` more layers are appended whose output projections are zero: they cost a
     full layer's compute and leave the residual stream, and so the logits, unchanged.
@@ -101,7 +104,7 @@ def write_random_llama(path: Path, shape: Shape, tokenizer_from: Path, *, seed: 
     w.add_vocab_size(n_vocab)
 
     def mat(name: str, n_out: int, n_in: int, zero: bool = False) -> None:
-        w.add_tensor(name, _q4_0(_rng(seed, name), n_out, n_in, zero), raw_dtype=Q4_0)
+        w.add_tensor(name, _blocks(qtype, _rng(seed, name), n_out, n_in, zero), raw_dtype=qtype)
 
     ones = np.ones(shape.n_embd, dtype=np.float32)
     # Tied embeddings (no output.weight), as SmolLM2 has.
