@@ -11,7 +11,7 @@ plain EFT sampling (Leviathan et al. 2023, Chen et al. 2023); greedy output is t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -35,7 +35,6 @@ class SpecStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     combine_seconds: float = 0.0
-    draft_lengths: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -91,8 +90,7 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
     """
     tuner = DraftTuner() if k is None else None
     k = tuner.k if tuner else k
-    m = eft.models
-    drafter = m["tuned"]
+    drafter = eft.models["tuned"]
     verifiers = [b for b in eft.backends if b is not drafter]
     n = eft.n_shared
 
@@ -155,7 +153,6 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         stats.rounds += 1
         stats.drafted += kk
         stats.accepted += accepted
-        stats.draft_lengths.append(kk)
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
         stats.combine_seconds += t3 - t2
