@@ -78,6 +78,8 @@ def model_options(f: Callable) -> Callable:
             click.option("--base", "-b", type=click.Path(dir_okay=False), help="Large pre-trained model (GGUF)."),
             click.option("--tuned", "-t", type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
             click.option("--reference", "-r", type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
+            click.option("--delta", "-d", "deltas", multiple=True, metavar="TUNED:REFERENCE[:WEIGHT]",
+                         help="A fine-tuning delta (repeatable); replaces --tuned/--reference/--weight."),
         ]
     ):
         f = decorator(f)
@@ -143,10 +145,37 @@ def engine_kwargs(base_prompt: str, ctx_size: int, threads: int | dict[str, int]
                 concurrent=concurrent)
 
 
-def load(recipe: str | None, base: str | None, tuned: str | None, reference: str | None, weight: float,
-         **engine: Any) -> EFT:
-    models = resolve_models(recipe, base, tuned, reference)
-    return EFT(models["base"], models["tuned"], models["reference"], weight=weight, **engine_kwargs(**engine))
+def parse_delta(spec: str) -> tuple[str, str, float]:
+    """``TUNED:REFERENCE[:WEIGHT]`` (weight 1 when left out)."""
+    parts = spec.split(":")
+    if len(parts) == 3:
+        try:
+            return parts[0], parts[1], float(parts[2])
+        except ValueError:
+            pass
+    elif len(parts) == 2:
+        return parts[0], parts[1], 1.0
+    raise click.BadParameter(f"{spec!r} is not TUNED:REFERENCE[:WEIGHT]", param_hint="--delta")
+
+
+def model_set(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
+              deltas: tuple[str, ...], weight: float = 1.0) -> tuple[str, list[tuple[str, str, float]]]:
+    """The base path and the deltas, from --delta or from the one-delta options and the recipe."""
+    if not deltas:
+        models = resolve_models(recipe, base, tuned, reference)
+        return models["base"], [(models["tuned"], models["reference"], weight)]
+    if tuned or reference:
+        raise click.UsageError("--delta replaces --tuned/--reference: give one form")
+    parsed = [parse_delta(d) for d in deltas]
+    if base is None:
+        base = resolve_models(recipe, None, None, None)["base"]
+    return base, parsed
+
+
+def load(recipe: str | None, base: str | None, tuned: str | None, reference: str | None, deltas: tuple[str, ...],
+         weight: float, **engine: Any) -> EFT:
+    base_path, pairs = model_set(recipe, base, tuned, reference, deltas, weight)
+    return EFT(base_path, deltas=pairs, **engine_kwargs(**engine))
 
 
 SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative", "ignore_eos")
@@ -222,7 +251,8 @@ def chat(system: str | None, **kwargs: Any) -> None:
         chat_loop(eft, sample_kw, system=system)
 
 
-HELP = "commands: /reset clears the conversation, /exit leaves; Ctrl-C stops a reply"
+HELP = ("commands: /reset clears the conversation, /weight W sets the delta's weight, /delta N weight W "
+        "sets delta N's, /exit leaves; Ctrl-C stops a reply")
 
 
 def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
@@ -250,6 +280,16 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
             messages = list(start)
             out.write("(conversation cleared)\n")
             continue
+        if text.split()[0] in ("/weight", "/delta"):
+            try:
+                index, value = parse_weight_command(text)
+                weights = list(eft.weights)
+                weights[index] = value
+                eft.set_weights(weights)
+                out.write(f"(delta {index + 1} weight {value:g})\n")
+            except (ValueError, IndexError, EFTError):
+                out.write(f"usage: /weight W or /delta N weight W, N from 1 to {len(eft.weights)}\n")
+            continue
         if text.startswith("/"):
             out.write(f"unknown command {text.split()[0]}; {HELP}\n")
             continue
@@ -273,13 +313,27 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
         out.write("\n")
 
 
+def parse_weight_command(text: str) -> tuple[int, float]:
+    """``/weight W`` (the first delta) or ``/delta N weight W``: (0-based delta index, weight)."""
+    words = text.split()
+    if words[0] == "/weight" and len(words) == 2:
+        return 0, float(words[1])
+    if words[0] == "/delta" and len(words) == 4 and words[2] == "weight" and int(words[1]) >= 1:
+        return int(words[1]) - 1, float(words[3])
+    raise ValueError(text)
+
+
 @main.command()
 @model_options
 @handle_errors
-def check(recipe: str | None, base: str | None, tuned: str | None, reference: str | None) -> None:
-    """Check that the three models share one vocabulary (reads headers only)."""
-    models = resolve_models(recipe, base, tuned, reference)
-    infos = {role: read_vocab(models[role]) for role in ("base", "tuned", "reference")}
+def check(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
+          deltas: tuple[str, ...]) -> None:
+    """Check that the models share one vocabulary (reads headers only)."""
+    base_path, pairs = model_set(recipe, base, tuned, reference, deltas)
+    infos = {"base": read_vocab(base_path)}
+    for i, (t, r, _) in enumerate(pairs, 1):
+        suffix = "" if i == 1 else str(i)
+        infos[f"tuned{suffix}"], infos[f"reference{suffix}"] = read_vocab(t), read_vocab(r)
     for role, v in infos.items():
         click.echo(
             f"{role:<10} {v.path}\n"
@@ -311,7 +365,7 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 @speculative_option
 @handle_errors
 def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
-                 weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
+                 deltas: tuple[str, ...], weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
                  output: str | None, plot: str | None, speculative: str | None, **engine: Any) -> None:
     """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies).
 
@@ -324,6 +378,8 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
         ev.check_output(output, (".json", ".csv"))
     if plot:
         ev.check_output(plot, (".png",))
+    if deltas:
+        raise click.UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
     items = ev.load_items(data)[:limit]
     models = resolve_models(recipe, base, tuned, reference)
     specs = [ev.parse_config(spec, models, weight) for spec in (configs or ("base", "tuned", "eft"))]

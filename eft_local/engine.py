@@ -19,7 +19,6 @@ from .speculative import MAX_DRAFT, SpecStats, speculative_tokens
 from .textstream import TextStream
 from .vocab import VocabReport, check_vocabularies, read_vocab
 
-ROLES = ("base", "tuned", "reference")
 BASE_PROMPTS = ("same", "plain")
 DEFAULT_CTX = 4096
 # Measured on 2 cores (see README): three small models decode faster one after another,
@@ -74,22 +73,30 @@ class Completion:
 
 
 class EFT:
-    """Three GGUF models sampled as one: ``base + weight * (tuned - reference)``, per token.
+    """GGUF models sampled as one: ``base + sum_i weight_i * (tuned_i - reference_i)``, per token.
+
+    ``tuned``, ``reference`` and ``weight`` give one delta; ``deltas`` gives any number as
+    ``(tuned, reference)`` or ``(tuned, reference, weight)`` (the first is the one-delta form's,
+    when both are given). The first tuned model renders chats, decides where a reply ends and
+    drafts speculative tokens. Roles are named ``base``, ``tuned``, ``reference`` for the first
+    delta and ``tuned2``, ``reference2``, ... for the next.
 
     Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. One
     instance serves one conversation at a time; each model keeps its KV cache between calls,
-    so a new request only evaluates the tokens after the longest common prefix.
-    ``n_threads`` and ``n_gpu_layers`` take one value for all models or a mapping by role
-    (``{"base": -1}`` offloads only the large model).
+    so a new request only evaluates the tokens after the longest common prefix. A file given in
+    several roles that sees the same prompt is loaded and evaluated once. ``n_threads`` and
+    ``n_gpu_layers`` take one value for all models or a mapping by role (``{"base": -1}``
+    offloads only the large model).
     """
 
     def __init__(
         self,
         base: str | os.PathLike,
-        tuned: str | os.PathLike,
-        reference: str | os.PathLike,
+        tuned: str | os.PathLike | None = None,
+        reference: str | os.PathLike | None = None,
         *,
         weight: float = 1.0,
+        deltas: Sequence[Sequence[Any]] = (),
         n_ctx: int = DEFAULT_CTX,
         n_threads: int | Mapping[str, int] | None = None,
         n_gpu_layers: int | Mapping[str, int] = 0,
@@ -98,33 +105,41 @@ class EFT:
     ):
         if base_prompt not in BASE_PROMPTS:
             raise EFTError(f"base_prompt must be one of {BASE_PROMPTS}, got {base_prompt!r}")
-        if not np.isfinite(weight):
-            raise EFTError(f"weight must be a finite number, got {weight}")
         if n_ctx < 8:
             raise EFTError(f"context size must be at least 8 tokens, got {n_ctx}")
-        self.weight = float(weight)
         self.base_prompt = base_prompt
         self._end_tokens: tuple[int, ...] | None = None
-        paths = {"base": os.fspath(base), "tuned": os.fspath(tuned), "reference": os.fspath(reference)}
+        pairs = ([(tuned, reference, weight)] if tuned is not None or reference is not None else []) + list(deltas)
+        if not pairs:
+            raise EFTError("give a tuned and a reference model (or deltas)")
+        paths = {"base": os.fspath(base)}
+        self.deltas: list[tuple[str, str]] = []
+        self.weights: list[float] = []
+        for i, pair in enumerate(pairs, 1):
+            if len(pair) not in (2, 3) or pair[0] is None or pair[1] is None:
+                raise EFTError(f"delta {i} needs a tuned and a reference model, got {pair!r}")
+            t, r = ("tuned", "reference") if i == 1 else (f"tuned{i}", f"reference{i}")
+            paths[t], paths[r] = os.fspath(pair[0]), os.fspath(pair[1])
+            self.deltas.append((t, r))
+            self.weights.append(check_weight(pair[2] if len(pair) == 3 else 1.0))
+        self.roles = list(paths)
         # The check reads only GGUF headers, so a bad set fails before any weights load.
         self.vocabs = {role: read_vocab(p) for role, p in paths.items()}
         self.report: VocabReport = check_vocabularies(self.vocabs)
         self.n_shared = self.report.n_shared
         self.chat_template = self.vocabs["tuned"].chat_template
 
-        # A file given in two roles that sees the same prompt is loaded and evaluated once.
-        views = {role: self._view(role) for role in ROLES}
-        keys = {role: (os.path.realpath(paths[role]), views[role]) for role in ROLES}
+        keys = {role: (os.path.realpath(paths[role]), self._view(role)) for role in self.roles}
         unique = list(dict.fromkeys(keys.values()))
         self.concurrent = DEFAULT_CONCURRENT if concurrent is None else bool(concurrent)
         cores = int(os.environ.get("EFT_LOCAL_THREADS") or os.cpu_count() or 1)
         default_threads = max(1, cores // len(unique)) if self.concurrent else cores
-        threads = per_role(n_threads, "n_threads", default_threads)
-        gpu_layers = per_role(n_gpu_layers, "n_gpu_layers", 0)
+        threads = per_role(n_threads, "n_threads", default_threads, self.roles)
+        gpu_layers = per_role(n_gpu_layers, "n_gpu_layers", 0, self.roles)
         self._backends: dict[tuple[str, str], Backend] = {}
         self.models: dict[str, Backend] = {}
         try:
-            for role in ROLES:
+            for role in self.roles:
                 if keys[role] not in self._backends:
                     ctx = min(n_ctx, self.vocabs[role].context_length or n_ctx)
                     self._backends[keys[role]] = Backend(
@@ -146,7 +161,27 @@ class EFT:
         )
 
     def _view(self, role: str) -> str:
-        return "plain" if self.base_prompt == "plain" and role != "tuned" else "chat"
+        return "plain" if self.base_prompt == "plain" and not role.startswith("tuned") else "chat"
+
+    @property
+    def weight(self) -> float:
+        """The first delta's weight."""
+        return self.weights[0]
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self.weights[0] = check_weight(value)
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """Change every delta's weight; no model is reloaded and no cache is lost."""
+        self.weights = self._checked_weights(weights)
+
+    def _checked_weights(self, weights: Sequence[float] | None) -> list[float]:
+        if weights is None:
+            return list(self.weights)
+        if len(weights) != len(self.deltas):
+            raise EFTError(f"{len(weights)} weights given for {len(self.deltas)} deltas")
+        return [check_weight(w) for w in weights]
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -197,16 +232,16 @@ class EFT:
         for f in futures:
             f.result()
 
-    def _combined(self) -> np.ndarray:
+    def _combined(self, weights: Sequence[float]) -> np.ndarray:
         """Combined log-probabilities at every model's last evaluated position."""
-        return self._combine_rows({b: log_softmax(b.logits()) for b in self.backends})
+        return self._combine_rows({b: log_softmax(b.logits()) for b in self.backends}, weights)
 
-    def _combine_rows(self, logp: Mapping[Backend, np.ndarray]) -> np.ndarray:
+    def _combine_rows(self, logp: Mapping[Backend, np.ndarray], weights: Sequence[float]) -> np.ndarray:
         """Combine one position's log-probabilities, given per distinct model."""
         m = self.models
         return eft_logprobs(
             logp[m["base"]],
-            [(logp[m["tuned"]], logp[m["reference"]], self.weight)],
+            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, weights)],
             self.n_shared,
         )
 
@@ -217,15 +252,16 @@ class EFT:
             self._end_tokens = tuple(t for t in range(self.n_shared) if tuned.is_eog(t))
         return self._end_tokens
 
-    def next_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+    def next_logprobs(self, tokens: Sequence[int], *, weights: Sequence[float] | None = None) -> np.ndarray:
         """Combined next-token log-probabilities after ``tokens`` (all models see the same ids).
 
         Returns an array over the shared vocabulary ``[0, n_shared)``.
         """
         tokens = [int(t) for t in tokens]
+        weights = self._checked_weights(weights)
         self._check_tokens(tokens)
         self._run(lambda b: b.sync(tokens))
-        return self._combined()
+        return self._combined(weights)
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
         if not tokens:
@@ -253,7 +289,7 @@ class EFT:
         else:
             shared = chat_tokens(tuned, self.chat_template, messages)
         out = {}
-        for role in ROLES:
+        for role in self.roles:
             if self._view(role) == "plain" and not raw:
                 out[role] = raw_tokens(self.models[role], plain_transcript(messages))
             else:
@@ -277,6 +313,7 @@ class EFT:
         seed: int | None = None,
         speculative: int | str | None = None,
         ignore_eos: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> Iterator[Chunk]:
         """Generate a reply piece by piece.
 
@@ -286,7 +323,9 @@ class EFT:
         ``max_tokens``. ``speculative`` = k drafts k tokens with the tuned model per
         verification ("auto" adapts k); the output distribution is the same. ``ignore_eos``
         never samples the end tokens (for benchmarks: always ``max_tokens`` tokens).
+        ``weights`` overrides the deltas' weights for this call only.
         """
+        weights = self._checked_weights(weights)
         banned = self.end_tokens() if ignore_eos else ()
         try:
             sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, banned=banned)
@@ -299,7 +338,7 @@ class EFT:
         for toks in by_role.values():
             self._check_tokens(toks)
         prompts = {self.models[role]: toks for role, toks in by_role.items()}
-        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop, speculative)
+        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop, speculative, weights)
 
     def _loop(
         self,
@@ -309,6 +348,7 @@ class EFT:
         max_tokens: int,
         stop: Sequence[str],
         speculative: int | str | None,
+        weights: list[float],
     ) -> Iterator[Chunk]:
         """The EFT loop: prefill every model, then take tokens until a stop."""
         tuned = self.models["tuned"]
@@ -321,10 +361,11 @@ class EFT:
         t1 = time.perf_counter()
         if speculative:
             timing = SpecStats()
-            source = speculative_tokens(self, sampler, rng, None if speculative == "auto" else int(speculative), timing)
+            k = None if speculative == "auto" else int(speculative)
+            source = speculative_tokens(self, sampler, rng, k, weights, timing)
         else:
             timing = StepTiming()
-            source = self._plain_tokens(sampler, rng, timing)
+            source = self._plain_tokens(sampler, rng, weights, timing)
         finish = "length"
         for token in source:
             if tuned.is_eog(token):
@@ -352,11 +393,12 @@ class EFT:
         }
         yield Chunk(tail, None, finish, stats)
 
-    def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, timing: "StepTiming") -> Iterator[int]:
+    def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, weights: list[float],
+                      timing: "StepTiming") -> Iterator[int]:
         """One token per step: combine, sample, then append it to every model."""
         while True:
             t0 = time.perf_counter()
-            token = sampler.sample(self._combined(), rng)
+            token = sampler.sample(self._combined(weights), rng)
             t1 = time.perf_counter()
             timing.combine_seconds += t1 - t0
             yield token
@@ -379,14 +421,25 @@ class EFT:
         return self.stream(messages=messages, **options)
 
 
-def per_role(value: int | Mapping[str, int] | None, name: str, default: int) -> dict[str, int]:
+def per_role(value: int | Mapping[str, int] | None, name: str, default: int, roles: Sequence[str]) -> dict[str, int]:
     """One setting for every role, or a mapping of role to setting (missing roles get the default)."""
     if value is None or isinstance(value, int):
-        return {role: default if value is None else value for role in ROLES}
-    unknown = set(value) - set(ROLES)
+        return {role: default if value is None else value for role in roles}
+    unknown = set(value) - set(roles)
     if unknown:
-        raise EFTError(f"{name}: unknown role {sorted(unknown)[0]!r}; roles are {', '.join(ROLES)}")
-    return {role: int(value.get(role, default)) for role in ROLES}
+        raise EFTError(f"{name}: unknown role {sorted(unknown)[0]!r}; roles are {', '.join(roles)}")
+    return {role: int(value.get(role, default)) for role in roles}
+
+
+def check_weight(value: Any) -> float:
+    """A delta's weight: any finite number (0 turns the delta off, > 1 amplifies it)."""
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        w = float("nan")
+    if not np.isfinite(w):
+        raise EFTError(f"weight must be a finite number, got {value!r}")
+    return w
 
 
 def check_speculative(value: int | str | None) -> int | str | None:

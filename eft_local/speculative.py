@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -83,7 +83,7 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k: int | None,
-                       stats: SpecStats) -> Iterator[int]:
+                       weights: Sequence[float], stats: SpecStats) -> Iterator[int]:
     """Yield EFT tokens after a prefill, drafting ``k`` at a time (None: adapt k).
 
     Every model's cache is rolled back to the accepted prefix after each round.
@@ -95,7 +95,7 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
     n = eft.n_shared
 
     t = time.perf_counter()
-    token = sampler.sample(eft._combined(), rng)
+    token = sampler.sample(eft._combined(weights), rng)
     stats.combine_seconds += time.perf_counter() - t
     yield token
     while True:
@@ -129,7 +129,7 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         def target(i: int, tuned_row: np.ndarray) -> np.ndarray:
             rows = {drafter: tuned_row}
             rows.update({b: log_softmax(b.logits(i)) for b in verifiers})
-            return sampler.distribution(eft._combine_rows(rows))
+            return sampler.distribution(eft._combine_rows(rows, weights))
 
         accepted = 0
         new_token = None
