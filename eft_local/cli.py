@@ -132,6 +132,12 @@ def sampling_options(f: Callable) -> Callable:
             click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
             speculative_option,
             click.option("--ignore-eos", is_flag=True, help="Never sample the end tokens (always --max-tokens tokens)."),
+            click.option("--plausible-top-p", type=float, default=1.0, show_default=True,
+                         help="Conservative decoding: only tokens inside this top-p nucleus of --plausible-model."),
+            click.option("--plausible-min-p", type=float, default=0.0, show_default=True,
+                         help="Conservative decoding: only tokens at least this times --plausible-model's top probability."),
+            click.option("--plausible-model", type=click.Choice(["tuned", "base"]), default="tuned", show_default=True,
+                         help="The model whose distribution decides what is plausible."),
         ]
     ):
         f = decorator(f)
@@ -178,7 +184,8 @@ def load(recipe: str | None, base: str | None, tuned: str | None, reference: str
     return EFT(base_path, deltas=pairs, **engine_kwargs(**engine))
 
 
-SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative", "ignore_eos")
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative", "ignore_eos",
+                  "plausible_top_p", "plausible_min_p", "plausible_model")
 
 
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -51,3 +51,21 @@ def eft_logprobs(
             total[impossible] = -np.inf
     return log_softmax(total)
 
+
+
+def plausible(logp: np.ndarray, component: np.ndarray, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
+    """Conservative decoding: ``logp`` restricted to the tokens ``component`` finds plausible.
+
+    A token stays when it is inside ``component``'s top-p nucleus and at least ``min_p`` times
+    its most likely token's probability (contrastive decoding's plausibility mask); the rest
+    get -inf and the distribution is renormalised. ``component`` is one model's
+    log-probabilities over the same ids (the tuned or the base model).
+    """
+    from .sampling import apply_min_p, apply_top_p, normalize
+
+    keep = np.isfinite(apply_min_p(apply_top_p(component[: len(logp)], top_p), min_p))
+    out = np.where(keep, logp, -np.inf)
+    if not np.isfinite(out).any():
+        # The combination ruled out every plausible token: keep the component's own choice.
+        out[int(np.argmax(component[: len(logp)]))] = 0.0
+    return normalize(out)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .backend import Backend
-from .combine import eft_logprobs, log_softmax
+from .combine import eft_logprobs, log_softmax, plausible
 from .errors import EFTError
 from .prompt import Message, chat_tokens, check_messages, plain_transcript, raw_tokens
 from .sampling import Sampler
@@ -37,6 +37,35 @@ class Chunk:
     token: int | None = None
     finish_reason: str | None = None
     stats: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Plausibility:
+    """Conservative decoding: sample only tokens that ``model`` (tuned or base) finds plausible."""
+
+    top_p: float = 1.0
+    min_p: float = 0.0
+    model: str = "tuned"
+
+    def __post_init__(self) -> None:
+        if self.model not in ("tuned", "base"):
+            raise EFTError(f"the plausibility model must be tuned or base, got {self.model!r}")
+        if not 0 < self.top_p <= 1:
+            raise EFTError(f"plausible top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise EFTError(f"plausible min-p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def active(self) -> bool:
+        return self.top_p < 1 or self.min_p > 0
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How one call combines the models: the deltas' weights and the plausibility filter."""
+
+    weights: tuple[float, ...]
+    plausibility: Plausibility = Plausibility()
 
 
 @dataclass
@@ -176,6 +205,9 @@ class EFT:
         """Change every delta's weight; no model is reloaded and no cache is lost."""
         self.weights = self._checked_weights(weights)
 
+    def _mix(self, weights: Sequence[float] | None, plausibility: Plausibility = Plausibility()) -> Mix:
+        return Mix(tuple(self._checked_weights(weights)), plausibility)
+
     def _checked_weights(self, weights: Sequence[float] | None) -> list[float]:
         if weights is None:
             return list(self.weights)
@@ -232,18 +264,22 @@ class EFT:
         for f in futures:
             f.result()
 
-    def _combined(self, weights: Sequence[float]) -> np.ndarray:
+    def _combined(self, mix: Mix) -> np.ndarray:
         """Combined log-probabilities at every model's last evaluated position."""
-        return self._combine_rows({b: log_softmax(b.logits()) for b in self.backends}, weights)
+        return self._combine_rows({b: log_softmax(b.logits()) for b in self.backends}, mix)
 
-    def _combine_rows(self, logp: Mapping[Backend, np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    def _combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix) -> np.ndarray:
         """Combine one position's log-probabilities, given per distinct model."""
         m = self.models
-        return eft_logprobs(
+        combined = eft_logprobs(
             logp[m["base"]],
-            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, weights)],
+            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, mix.weights)],
             self.n_shared,
         )
+        f = mix.plausibility
+        if f.active:
+            combined = plausible(combined, logp[m[f.model]], f.top_p, f.min_p)
+        return combined
 
     def end_tokens(self) -> tuple[int, ...]:
         """The tuned model's end-of-generation ids within the shared vocabulary."""
@@ -258,10 +294,10 @@ class EFT:
         Returns an array over the shared vocabulary ``[0, n_shared)``.
         """
         tokens = [int(t) for t in tokens]
-        weights = self._checked_weights(weights)
+        mix = self._mix(weights)
         self._check_tokens(tokens)
         self._run(lambda b: b.sync(tokens))
-        return self._combined(weights)
+        return self._combined(mix)
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
         if not tokens:
@@ -314,6 +350,9 @@ class EFT:
         speculative: int | str | None = None,
         ignore_eos: bool = False,
         weights: Sequence[float] | None = None,
+        plausible_top_p: float = 1.0,
+        plausible_min_p: float = 0.0,
+        plausible_model: str = "tuned",
     ) -> Iterator[Chunk]:
         """Generate a reply piece by piece.
 
@@ -323,9 +362,11 @@ class EFT:
         ``max_tokens``. ``speculative`` = k drafts k tokens with the tuned model per
         verification ("auto" adapts k); the output distribution is the same. ``ignore_eos``
         never samples the end tokens (for benchmarks: always ``max_tokens`` tokens).
-        ``weights`` overrides the deltas' weights for this call only.
+        ``weights`` overrides the deltas' weights for this call only. ``plausible_top_p`` and
+        ``plausible_min_p`` restrict sampling to tokens ``plausible_model`` finds plausible
+        (conservative decoding), in plain and speculative decoding alike.
         """
-        weights = self._checked_weights(weights)
+        mix = self._mix(weights, Plausibility(plausible_top_p, plausible_min_p, plausible_model))
         banned = self.end_tokens() if ignore_eos else ()
         try:
             sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, banned=banned)
@@ -338,7 +379,7 @@ class EFT:
         for toks in by_role.values():
             self._check_tokens(toks)
         prompts = {self.models[role]: toks for role, toks in by_role.items()}
-        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop, speculative, weights)
+        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop, speculative, mix)
 
     def _loop(
         self,
@@ -348,7 +389,7 @@ class EFT:
         max_tokens: int,
         stop: Sequence[str],
         speculative: int | str | None,
-        weights: list[float],
+        mix: Mix,
     ) -> Iterator[Chunk]:
         """The EFT loop: prefill every model, then take tokens until a stop."""
         tuned = self.models["tuned"]
@@ -362,10 +403,10 @@ class EFT:
         if speculative:
             timing = SpecStats()
             k = None if speculative == "auto" else int(speculative)
-            source = speculative_tokens(self, sampler, rng, k, weights, timing)
+            source = speculative_tokens(self, sampler, rng, k, mix, timing)
         else:
             timing = StepTiming()
-            source = self._plain_tokens(sampler, rng, weights, timing)
+            source = self._plain_tokens(sampler, rng, mix, timing)
         finish = "length"
         for token in source:
             if tuned.is_eog(token):
@@ -393,12 +434,12 @@ class EFT:
         }
         yield Chunk(tail, None, finish, stats)
 
-    def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, weights: list[float],
+    def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, mix: Mix,
                       timing: "StepTiming") -> Iterator[int]:
         """One token per step: combine, sample, then append it to every model."""
         while True:
             t0 = time.perf_counter()
-            token = sampler.sample(self._combined(weights), rng)
+            token = sampler.sample(self._combined(mix), rng)
             t1 = time.perf_counter()
             timing.combine_seconds += t1 - t0
             yield token

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .combine import log_softmax
+from .combine import log_softmax, plausible
 from .sampling import Sampler, draw, normalize
 
 if TYPE_CHECKING:
-    from .engine import EFT
+    from .engine import EFT, Mix
 
 MAX_DRAFT = 16
 
@@ -83,7 +83,7 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k: int | None,
-                       weights: Sequence[float], stats: SpecStats) -> Iterator[int]:
+                       mix: "Mix", stats: SpecStats) -> Iterator[int]:
     """Yield EFT tokens after a prefill, drafting ``k`` at a time (None: adapt k).
 
     Every model's cache is rolled back to the accepted prefix after each round.
@@ -91,11 +91,13 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
     tuner = DraftTuner() if k is None else None
     k = tuner.k if tuner else k
     drafter = eft.models["tuned"]
+    plaus = mix.plausibility
+    filter_drafts = plaus.active and plaus.model == "tuned"
     verifiers = [b for b in eft.backends if b is not drafter]
     n = eft.n_shared
 
     t = time.perf_counter()
-    token = sampler.sample(eft._combined(weights), rng)
+    token = sampler.sample(eft._combined(mix), rng)
     stats.combine_seconds += time.perf_counter() - t
     yield token
     while True:
@@ -113,7 +115,11 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         tuned_rows, q_rows, drafts = [], [], []
         for i in range(kk):
             lt = log_softmax(drafter.logits())
-            q = sampler.distribution(normalize(lt[:n]))
+            own = normalize(lt[:n])
+            if filter_drafts:
+                # Draft from the filtered distribution too, so filtered-out drafts are not wasted.
+                own = plausible(own, own, plaus.top_p, plaus.min_p)
+            q = sampler.distribution(own)
             x = draw(q, rng) if not sampler.greedy else int(np.argmax(q))
             tuned_rows.append(lt)
             q_rows.append(q)
@@ -129,7 +135,7 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         def target(i: int, tuned_row: np.ndarray) -> np.ndarray:
             rows = {drafter: tuned_row}
             rows.update({b: log_softmax(b.logits(i)) for b in verifiers})
-            return sampler.distribution(eft._combine_rows(rows, weights))
+            return sampler.distribution(eft._combine_rows(rows, mix))
 
         accepted = 0
         new_token = None
