@@ -320,6 +320,55 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
         out.write("\n")
 
 
+@main.command()
+@click.argument("prompt", required=False)
+@model_options
+@engine_options
+@sampling_options
+@click.option("--reply", help="Score this reply instead of generating one.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every token's numbers.")
+@handle_errors
+def explain(prompt: str | None, reply: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
+    """Show, token by token, what each model and the fine-tuning delta contributed to a reply.
+
+    Columns: log p under each model, the delta term w * (log p_tuned - log p_reference), the
+    combined probability, and the base model's own choice where it differs (marked *). Tokens
+    the delta pushed up most are green, those it pushed down red.
+    """
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT or pipe one on standard input")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    engine_kw, sample_kw = split_options(kwargs)
+    with load(**engine_kw) as eft:
+        rows = eft.explain(prompt, raw=raw, reply=reply, **({} if reply is not None else sample_kw))
+        roles = list(eft.models)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], ensure_ascii=False))
+        return
+    click.echo(explain_table(rows, roles))
+
+
+def explain_table(rows: list, roles: list[str]) -> str:
+    """The coloured terminal view of ``explain``."""
+    head = f"{'token':<16}" + "".join(f"{r:>11}" for r in roles) + f"{'delta':>9}{'p(EFT)':>8}  base's choice"
+    lines = [head]
+    for r in rows:
+        delta = sum(r.delta_terms)
+        cells = f"{r.text!r:<16.16}" + "".join(f"{r.logprobs[role]:>11.2f}" for role in roles)
+        shown = f"{delta:>+9.2f}"
+        if delta > 1:
+            shown = click.style(shown, fg="green", bold=True)
+        elif delta < -1:
+            shown = click.style(shown, fg="red")
+        choice = f"* {r.base_top_text!r}" if r.base_would_differ else ""
+        lines.append(f"{cells}{shown}{r.combined_prob:>8.3f}  {choice}")
+    return "\n".join(lines)
+
+
 def parse_weight_command(text: str) -> tuple[int, float]:
     """``/weight W`` (the first delta) or ``/delta N weight W``: (0-based delta index, weight)."""
     words = text.split()

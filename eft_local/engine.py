@@ -13,6 +13,7 @@ import numpy as np
 from .backend import Backend
 from .combine import eft_logprobs, log_softmax, plausible
 from .errors import EFTError
+from .explain import TokenExplanation, explain_tokens
 from .prompt import Message, chat_tokens, check_messages, plain_transcript, raw_tokens
 from .sampling import Sampler
 from .speculative import MAX_DRAFT, SpecStats, speculative_tokens
@@ -448,6 +449,28 @@ class EFT:
             t2 = time.perf_counter()
             self._run(lambda b: b.eval([token]))
             timing.forward_seconds += time.perf_counter() - t2
+
+    def explain(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        raw: bool = False,
+        reply: str | None = None,
+        weights: Sequence[float] | None = None,
+        **options: Any,
+    ) -> list[TokenExplanation]:
+        """Every token of a reply with each model's log-probability and each delta's term.
+
+        Scores ``reply`` when given; otherwise generates one (``options`` as for ``stream``).
+        """
+        mix = self._mix(weights)
+        prompts = self.prompt_tokens(prompt, messages=messages, raw=raw)
+        if reply is None:
+            tokens = self.generate(prompt, messages=messages, raw=raw, weights=mix.weights, **options).tokens
+        else:
+            tokens = self.models["tuned"].tokenize(reply, add_bos=False, special=False)
+        return explain_tokens(self, prompts, tokens, mix.weights)
 
     def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         """Generate a whole reply; takes the same arguments as ``stream``."""
