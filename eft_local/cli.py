@@ -204,6 +204,17 @@ def main() -> None:
     """
 
 
+def read_prompt(prompt: str | None) -> str:
+    """The PROMPT argument, or standard input when it is left out and something is piped."""
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT or pipe one on standard input")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    return prompt
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @model_options
@@ -214,12 +225,7 @@ def main() -> None:
 @handle_errors
 def generate(prompt: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
     """Reply to PROMPT (read from standard input when omitted)."""
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT or pipe one on standard input")
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise click.UsageError("the prompt is empty")
+    prompt = read_prompt(prompt)
     engine_kw, sample_kw = split_options(kwargs)
     with load(**engine_kw) as eft:
         chunks = eft.stream(prompt, raw=raw, **sample_kw)
@@ -336,12 +342,7 @@ def explain(prompt: str | None, reply: str | None, raw: bool, as_json: bool, **k
     combined probability, and the base model's own choice where it differs (marked *). Tokens
     the delta pushed up most are green, those it pushed down red.
     """
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT or pipe one on standard input")
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise click.UsageError("the prompt is empty")
+    prompt = read_prompt(prompt)
     engine_kw, sample_kw = split_options(kwargs)
     with load(**engine_kw) as eft:
         rows = eft.explain(prompt, raw=raw, reply=reply, **({} if reply is not None else sample_kw))
