@@ -35,30 +35,44 @@ PROMPT = "The history of the old city begins with"
 THREADS = os.cpu_count() or 1  # per model; --threads changes it
 
 
+REPEATS = 3  # each row is the median run of this many
+
+
+def median_by(runs: list, key) -> object:
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
 def llama_alone(path: Path, tokens: int) -> float:
     """Tokens/s of llama-cpp-python's own greedy loop (Llama.generate), prompt excluded."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
-    try:
-        prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
-        t0 = None
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    # Timing starts after a few tokens: the prompt and the first pages of the mmapped
+    # weights are read before them.
+    warm = 4
+
+    def once() -> float:
         for i, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True)):
-            if i == 0:
-                t0 = time.perf_counter()  # the prompt is evaluated before the first token
-            if i == tokens:
+            if i == warm:
+                t0 = time.perf_counter()
+            if i == warm + tokens:
                 return tokens / (time.perf_counter() - t0)
+        raise AssertionError("unreachable")
+
+    try:
+        return median_by([once() for _ in range(REPEATS)], float)
     finally:
         llm.close()
-    raise AssertionError("unreachable")
 
 
 def eft_run(paths: dict[str, Path], tokens: int, *, speculative=None, concurrent=False) -> dict:
-    """Greedy EFT generation of exactly ``tokens`` tokens; returns its stats."""
+    """Greedy EFT generation of exactly ``tokens`` tokens; returns the stats of the median run."""
     threads = max(1, THREADS // 3) if concurrent else THREADS
     with EFT(paths["base"], paths["tuned"], paths["reference"], concurrent=concurrent, n_ctx=1024,
              n_threads=threads) as eft:
-        eft.generate(PROMPT, raw=True, temperature=0, max_tokens=2, ignore_eos=True)  # warm-up
-        out = eft.generate(PROMPT, raw=True, temperature=0, max_tokens=tokens, ignore_eos=True, speculative=speculative)
-        return out.stats
+        eft.generate(PROMPT, raw=True, temperature=0, max_tokens=6, ignore_eos=True)  # warm-up, as above
+        runs = [eft.generate(PROMPT, raw=True, temperature=0, max_tokens=tokens, ignore_eos=True,
+                             speculative=speculative).stats for _ in range(REPEATS)]
+        return median_by(runs, lambda st: st["tokens_per_second"])
 
 
 def build(cache: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -146,6 +160,7 @@ def section_demo(paths: dict[str, Path], ks: list, n_items: int = 40) -> list[tu
 
 
 def plot(series: dict[str, list[tuple]], path: Path) -> None:
+    """Throughput against K, relative to non-speculative EFT, with the base alone for scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,12 +168,13 @@ def plot(series: dict[str, list[tuple]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, points in series.items():
-        ks = [(k, v) for k, v in points if isinstance(k, int)]
+        ref = dict(points)["EFT"]
+        ks = [(k, v / ref) for k, v in points if isinstance(k, int)]
         line = ax.plot([k for k, _ in ks], [v for _, v in ks], marker="o", label=f"{name}: speculative")[0]
-        ax.axhline(dict(points)["EFT"], color=line.get_color(), linestyle=":", label=f"{name}: EFT, not speculative")
-        ax.axhline(dict(points)["base"], color=line.get_color(), linestyle="--", label=f"{name}: base alone")
+        ax.axhline(dict(points)["base"] / ref, color=line.get_color(), linestyle="--", label=f"{name}: base alone")
+    ax.axhline(1.0, color="gray", linestyle=":", label="EFT, not speculative")
     ax.set_xlabel("draft length K")
-    ax.set_ylabel("tokens/s")
+    ax.set_ylabel("tokens/s relative to EFT")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,7 +190,8 @@ def main(tokens: int, cache: Path, plot_path: Path | None, skip: tuple[str, ...]
     global THREADS
     THREADS = threads or THREADS
     start = time.perf_counter()
-    click.echo(f"{THREADS} threads per model, {tokens} tokens per run, greedy, prompt {PROMPT!r}")
+    click.echo(f"{THREADS} threads per model, {tokens} tokens per run, median of {REPEATS} runs, greedy, "
+               f"prompt {PROMPT!r}")
     realistic, controlled = build(cache)
     series = {}
     if "a" not in skip:
