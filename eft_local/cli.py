@@ -419,11 +419,13 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 @click.option("--limit", type=int, default=None, help="Use only the first N items.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write results to a .json (with every reply) or .csv file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart (needs matplotlib).")
+@click.option("--match", metavar="REGEX", help="Also report the share of replies this regular expression matches.")
 @speculative_option
 @handle_errors
 def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
                  deltas: tuple[str, ...], weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
-                 output: str | None, plot: str | None, speculative: str | None, **engine: Any) -> None:
+                 output: str | None, plot: str | None, match: str | None, speculative: str | None,
+                 **engine: Any) -> None:
     """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies).
 
     Format following: the reply ends its turn by itself within --max-words words. Factual
@@ -437,6 +439,7 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
         ev.check_output(plot, (".png",))
     if deltas:
         raise click.UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
+    ev.compile_match(match)  # a bad pattern fails before the models load
     items = ev.load_items(data)[:limit]
     models = resolve_models(recipe, base, tuned, reference)
     specs = [ev.parse_config(spec, models, weight) for spec in (configs or ("base", "tuned", "eft"))]
@@ -444,7 +447,7 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
     for config in specs:
         with click.progressbar(length=len(items), label=config.label, file=sys.stderr) as bar:
             results.append(ev.evaluate(config, items, max_tokens=max_tokens, max_words=max_words,
-                                       engine_options=engine_kwargs(**engine), speculative=speculative,
+                                       engine_options=engine_kwargs(**engine), speculative=speculative, match=match,
                                        on_item=lambda _: bar.update(1)))
     click.echo(ev.table(results))
     if output:

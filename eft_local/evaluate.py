@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ class Config:
     tuned: str
     reference: str
     weight: float = 1.0
+    more: tuple[tuple[str, str, float], ...] = ()  # further (tuned, reference, weight) deltas
 
 
 @dataclass
@@ -57,6 +59,7 @@ class ConfigResult:
     mean_tokens: float
     tokens_per_second: float
     acceptance_rate: float | None = None  # percent of drafted tokens accepted, when speculative
+    match_rate: float | None = None  # percent of replies matching --match
     items: list[ItemResult] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -103,7 +106,8 @@ def parse_config(spec: str, models: Mapping[str, str], weight: float = 1.0) -> C
     """Parse ``NAME``, ``eft``, ``eft@W``, ``LABEL=NAME`` or ``LABEL=BASE,TUNED,REFERENCE[,W]``.
 
     NAME is a model of the current set (base, tuned, reference, and extras such as oracle) or
-    a GGUF path; ``eft`` is the current triple at ``weight``.
+    a GGUF path; ``eft`` is the current triple at ``weight``. Several deltas:
+    ``LABEL=BASE,TUNED,REFERENCE,W,TUNED2,REFERENCE2,W2,...``.
     """
     label, _, body = spec.partition("=")
     if not body:
@@ -132,7 +136,22 @@ def parse_config(spec: str, models: Mapping[str, str], weight: float = 1.0) -> C
     if len(parts) in (3, 4):
         w_value = _weight(parts[3], spec) if len(parts) == 4 else weight
         return Config(label, model(parts[0]), model(parts[1]), model(parts[2]), w_value)
+    if len(parts) >= 7 and (len(parts) - 1) % 3 == 0:
+        groups = [parts[i : i + 3] for i in range(1, len(parts), 3)]
+        deltas = tuple((model(t), model(r), _weight(w, spec)) for t, r, w in groups)
+        (t, r, w), more = deltas[0], deltas[1:]
+        return Config(label, model(parts[0]), t, r, w, more)
     raise EFTError(f"bad --config {spec!r}: expected NAME, eft@W or LABEL=BASE,TUNED,REFERENCE[,W]")
+
+
+def compile_match(pattern: str | None) -> re.Pattern | None:
+    """The --match pattern, compiled (None when not given)."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise EFTError(f"bad --match pattern {pattern!r}: {e}") from None
 
 
 def _weight(text: str, spec: str) -> float:
@@ -150,11 +169,18 @@ def evaluate(
     max_words: int = MAX_WORDS,
     engine_options: Mapping[str, Any] | None = None,
     speculative: int | str | None = None,
+    match: str | None = None,
     on_item: Callable[[ItemResult], None] | None = None,
 ) -> ConfigResult:
-    """Greedy replies of one configuration to every item, scored."""
+    """Greedy replies of one configuration to every item, scored.
+
+    ``match``: a regular expression; the result then reports the share of replies it matches
+    (a style, say, when mixing deltas).
+    """
+    pattern = compile_match(match)
     results = []
-    with EFT(config.base, config.tuned, config.reference, weight=config.weight, **(engine_options or {})) as eft:
+    with EFT(config.base, config.tuned, config.reference, weight=config.weight, deltas=config.more,
+             **(engine_options or {})) as eft:
         for item in items:
             reply = eft.chat([{"role": "user", "content": item["prompt"]}], temperature=0, max_tokens=max_tokens,
                              speculative=speculative)
@@ -179,6 +205,7 @@ def evaluate(
         mean_tokens=round(tokens / n, 1),
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
         acceptance_rate=round(100 * sum(r.accepted for r in results) / drafted, 1) if drafted else None,
+        match_rate=round(100 * sum(bool(pattern.search(r.reply)) for r in results) / n, 1) if pattern else None,
         items=results,
     )
 
@@ -186,13 +213,14 @@ def evaluate(
 def table(results: Sequence[ConfigResult]) -> str:
     """A markdown table of the summaries."""
     rows = ["| configuration | format following % | factual accuracy % | mean tokens | tokens/s |", "|---|---|---|---|---|"]
-    spec = any(r.acceptance_rate is not None for r in results)
-    if spec:
-        rows = [rows[0] + " draft acceptance % |", rows[1] + "---|"]
+    extra = [(name, key) for name, key in (("draft acceptance %", "acceptance_rate"), ("matches %", "match_rate"))
+             if any(getattr(r, key) is not None for r in results)]
+    rows = [rows[0] + "".join(f" {name} |" for name, _ in extra), rows[1] + "---|" * len(extra)]
     for r in results:
         row = f"| {r.label} | {r.format_following:.1f} | {r.accuracy:.1f} | {r.mean_tokens:.1f} | {r.tokens_per_second:.1f} |"
-        if spec:
-            row += f" {'-' if r.acceptance_rate is None else f'{r.acceptance_rate:.1f}'} |"
+        for _, key in extra:
+            value = getattr(r, key)
+            row += f" {'-' if value is None else f'{value:.1f}'} |"
         rows.append(row)
     return "\n".join(rows)
 

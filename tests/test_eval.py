@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -54,7 +55,10 @@ def test_parse_config(tmp_path):
     path = tmp_path / "other.gguf"
     path.write_bytes(b"GGUF")
     assert ev.parse_config(f"other={path}", models).base == str(path)
-    for bad in ("nothing", "x=base,tuned", "eft@heavy", "=base", "x=base,tuned,reference,w"):
+    mixed = ev.parse_config("mix=base,tuned,reference,0.25,oracle,reference,0.75", models)
+    assert mixed == ev.Config("mix", "B.gguf", "T.gguf", "R.gguf", 0.25, (("O.gguf", "R.gguf", 0.75),))
+    for bad in ("nothing", "x=base,tuned", "eft@heavy", "=base", "x=base,tuned,reference,w",
+                "x=base,tuned,reference,1,oracle", "x=base,tuned,reference,1,oracle,reference,w"):
         with pytest.raises(EFTError, match="bad --config"):
             ev.parse_config(bad, models)
 
@@ -108,6 +112,23 @@ def test_eval_command_outputs(tiny, items, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert [r["label"] for r in rows] == ["tuned"]
     assert rows[0]["n"] == "2"
+
+
+def test_match_rate_and_two_delta_configs(tiny, items, tmp_path):
+    """--match counts replies matching a pattern; a two-delta configuration runs through eval."""
+    word = items[0]["answer"]
+    config = ev.Config("tuned", str(tiny["tuned"]), str(tiny["tuned"]), str(tiny["tuned"]), 0.0)
+    result = ev.evaluate(config, items, max_tokens=12, match=re.escape(word))
+    assert result.match_rate == round(100 * sum(word in r.reply for r in result.items) / len(items), 1)
+    assert result.match_rate > 0
+    data = write_jsonl(tmp_path / "data.jsonl", items)
+    two = f"two={tiny['base']},{tiny['tuned']},{tiny['reference']},0.5,{tiny['tuned']},{tiny['base']},0.5"
+    out = CliRunner().invoke(main, ["eval", str(data), "-b", str(tiny["base"]), "-t", str(tiny["tuned"]),
+                                    "-r", str(tiny["reference"]), "-n", "6", "--config", two, "--match", "a"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines()[0].endswith("matches % |")
+    bad = CliRunner().invoke(main, ["eval", str(data), "--match", "(unclosed"])
+    assert bad.exit_code == 1 and "bad --match" in bad.stderr
 
 
 def test_eval_command_plot(tiny, items, tmp_path):
