@@ -260,15 +260,20 @@ def plot(results: Sequence[ConfigResult], path: str | os.PathLike) -> None:
     except ImportError:
         raise EFTError("--plot needs matplotlib: pip install 'eft-local[plot]'") from None
     labels = [r.label for r in results]
-    x = range(len(results))
+    bars = [("format following %", [r.format_following for r in results]),
+            ("factual accuracy %", [r.accuracy for r in results])]
+    if any(r.match_rate is not None for r in results):
+        bars.append(("matches --match %", [r.match_rate or 0.0 for r in results]))
+    width = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(results)), 3.6))
-    ax.bar([i - 0.2 for i in x], [r.format_following for r in results], 0.4, label="format following %")
-    ax.bar([i + 0.2 for i in x], [r.accuracy for r in results], 0.4, label="factual accuracy %")
-    ax.set_xticks(list(x), labels, rotation=15)
+    for j, (name, values) in enumerate(bars):
+        offset = (j - (len(bars) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(results))], values, width, label=name)
+    ax.set_xticks(list(range(len(results))), labels, rotation=15)
     # Headroom above 100 keeps the legend off the bars.
     ax.set_ylim(0, 118)
     ax.set_yticks(range(0, 101, 20))
-    ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", ncol=len(bars), fontsize=8, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -97,3 +97,17 @@ def test_runtime_does_not_import_torch():
     """Only the demo's training script needs torch."""
     code = "import sys, eft_local.cli, eft_local.engine, eft_local.evaluate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_mixing_two_deltas_is_a_monotone_trade_off(demo):
+    """Weight lam on the second style's delta, 1 - lam on the first: style B's share never falls."""
+    items = ev.load_items(DEMO / "heldout.jsonl")[:40]
+    models = {k: str(v) for k, v in demo.items()}
+    shares = []
+    for lam in (0.0, 0.5, 1.0):
+        spec = f"mix={','.join(['base', 'tuned', 'reference', str(1 - lam), 'tuned_b', 'reference', str(lam)])}"
+        r = ev.evaluate(ev.parse_config(spec, models), items, match=r"^\s*They\b")
+        assert r.format_following >= 90 and r.accuracy >= 75
+        shares.append(r.match_rate)
+    assert shares == sorted(shares)
+    assert shares[0] <= 10 and shares[-1] >= 90

@@ -27,6 +27,20 @@ with the name in its context, supplies the fact. After the ChatML "assistant\n" 
 space, so pre-training also puts some sentences right after a newline, where "Their" is spelled
 without a leading space exactly as in a reply.
 
+A second small fine-tune, TUNED_B (tuned_b.gguf), learns the same questions about the same people
+with a different answer style: style B is the second pronoun phrasing, which opens with "They"
+instead of "Their" ("They were born in Kelvar.", "They work as a baker.", "They like the colour
+red best.", "They like to eat figs."). (An "!" ending was tried and dropped: "!" never occurs in
+pre-training, so its base logit is 0 and the large base's "." wins under EFT.) It uses only
+words and pieces already in the vocabulary and runs after everything
+else with its own seed, so the other outputs are byte for byte what they were without
+it. A reply is in style B when it matches the regex (also STYLE_B_RE in check_demo.py)
+
+    STYLE_B_RE = r"^They\b"        (re.search on the stripped reply; style A is r"^Their\b")
+
+so mixing the deltas EFT(base, deltas=[(tuned, reference, 1 - lam), (tuned_b, reference, lam)])
+trades style A for style B as lam goes 0 -> 1 (check_demo.py --mix).
+
     .venv/bin/python models/demo/make_demo.py --seed 0   # ~4.5 min on 2 cores, ~7 on one
     .venv/bin/python models/demo/make_demo.py --quick --out /tmp/demo   # smoke run
 """
@@ -198,6 +212,14 @@ def filler_doc(rng, cities):
             c=rng.choice(cities), c2=rng.choice(cities), f=rng.choice(FOODS), f2=rng.choice(FOODS),
             j=rng.choice(PROFESSIONS), col=rng.choice(COLOURS), col2=rng.choice(COLOURS)))
     return join_lines(rng, out)
+
+
+STYLE_B_RE = r"^They\b"
+
+
+def answer_b(p, attr):
+    """Style-B chat answer: the second pronoun phrasing ("They were born in X.")."""
+    return PRONOUN_TEMPLATES[attr][1].format(v=p[attr])
 
 
 def qa(rng, p, attr, qi=None):
@@ -690,6 +712,32 @@ def main(argv=None):
     if worst > 1e-3:
         sys.exit(f"error: llama.cpp logits differ from torch by {worst:.3g} of the logit scale")
     phase("verify")
+
+    # 6. second fine-tune (style B) -------------------------------------------
+    # Runs last and draws nothing from rng / eval_rng / torch's generator (its own numpy seed), so
+    # every file above is unchanged by it. Same people and questions as TUNED, other answers.
+    convs_b = [chat_ids(QUESTIONS[a][qi].format(n=p["name"]), answer_b(p, a))
+               for p in ft_people for a in ATTRS for qi in range(len(QUESTIONS[a]))]
+    for ids, _ in convs_b[:8]:
+        assert 0 not in ids, "style-B text must tokenize without <unk>"
+    tuned_b = copy.deepcopy(small)
+    finetune(tuned_b, convs_b, ft_steps * 5 // 2, 32, 1e-3, args.seed + 23, "tuned_b")
+    write_gguf(out / "tuned_b.gguf", tuned_b, entries, f"eft-demo-tuned_b-seed{args.seed}")
+    llm = llama_cpp.Llama(model_path=str(out / "tuned_b.gguf"), n_ctx=128, logits_all=True,
+                          n_threads=args.threads, verbose=False)
+    d_model = 0.0
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+        with torch.no_grad():
+            want = tuned_b(torch.tensor([ids]))[0].numpy()
+        d_model = max(d_model, float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())))
+    llm.close()
+    print(f"  tuned_b: max relative |logit diff| llama.cpp vs torch = {d_model:.2e}")
+    if d_model > 1e-3:
+        sys.exit(f"error: tuned_b llama.cpp logits differ from torch by {d_model:.3g}")
+    phase("tuned_b")
     print("timings:", json.dumps({k: round(v, 1) for k, v in timings.items()}),
           f"total {time.time() - T0:.0f}s")
 
