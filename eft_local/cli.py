@@ -166,10 +166,17 @@ def parse_delta(spec: str) -> tuple[str, str, float]:
 
 def model_set(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
               deltas: tuple[str, ...], weight: float = 1.0) -> tuple[str, list[tuple[str, str, float]]]:
-    """The base path and the deltas, from --delta or from the one-delta options and the recipe."""
+    """The base path and the deltas: from --delta, else --tuned/--reference, else the recipe's."""
     if not deltas:
         models = resolve_models(recipe, base, tuned, reference)
-        return models["base"], [(models["tuned"], models["reference"], weight)]
+        if tuned or reference or (base and recipe is None):
+            return models["base"], [(models["tuned"], models["reference"], weight)]
+        from .recipes import default_recipe, get_recipe
+
+        named = get_recipe(recipe or default_recipe()).deltas
+        # --weight scales the recipe's first delta, as it does the one-delta form.
+        pairs = [(models[t], models[r], w * (weight if i == 0 else 1.0)) for i, (t, r, w) in enumerate(named)]
+        return models["base"], pairs
     if tuned or reference:
         raise click.UsageError("--delta replaces --tuned/--reference: give one form")
     parsed = [parse_delta(d) for d in deltas]

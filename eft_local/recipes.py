@@ -84,19 +84,24 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named set of models: ``base``, ``tuned``, ``reference`` and optional extras."""
+    """A named set of models: ``base``, ``tuned``, ``reference`` and optional extras.
+
+    ``deltas`` names the (tuned, reference, weight) deltas to combine; by default the one
+    delta ``tuned - reference`` at weight 1.
+    """
 
     name: str
     description: str
     models: dict[str, ModelRef]
     verified: bool = False
     default: bool = False
+    deltas: tuple[tuple[str, str, float], ...] = (("tuned", "reference", 1.0),)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading recipes.toml
 
-_RECIPE_KEYS = {"description", "default", "verified"}
+_RECIPE_KEYS = {"description", "default", "verified", "deltas"}
 _MODEL_KEYS = {"repo", "file", "revision", "path", "quant"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -146,7 +151,29 @@ def _parse_recipe(name: str, table: Any, source: Path) -> Recipe:
     # Roles first, in their usual order; extras after, in file order.
     ordered = {role: models[role] for role in ROLES}
     ordered.update((k, v) for k, v in models.items() if k not in ROLES)
-    return Recipe(name=name, description=description, models=ordered, verified=verified, default=default)
+    deltas = _parse_deltas(where, table.get("deltas"), ordered)
+    return Recipe(name=name, description=description, models=ordered, verified=verified, default=default,
+                  deltas=deltas)
+
+
+def _parse_deltas(where: str, value: Any, models: dict[str, ModelRef]) -> tuple[tuple[str, str, float], ...]:
+    """``deltas = [["tuned", "reference", 0.7], ["tuned_b", "reference", 0.3]]`` (weight optional)."""
+    if value is None:
+        return (("tuned", "reference", 1.0),)
+    usage = f"{where}: deltas must be a list of [tuned, reference] or [tuned, reference, weight] model names"
+    if not isinstance(value, list) or not value:
+        raise EFTError(usage)
+    out = []
+    for item in value:
+        if not isinstance(item, list) or len(item) not in (2, 3) or not all(isinstance(x, str) for x in item[:2]):
+            raise EFTError(usage)
+        if len(item) == 3 and (isinstance(item[2], bool) or not isinstance(item[2], (int, float))):
+            raise EFTError(usage)
+        unknown = [x for x in item[:2] if x not in models]
+        if unknown:
+            raise EFTError(f"{where}: deltas name {unknown[0]!r}, which is not a model of the recipe")
+        out.append((item[0], item[1], float(item[2]) if len(item) == 3 else 1.0))
+    return tuple(out)
 
 
 def _parse_model(where: str, table: dict, root: Path) -> ModelRef:

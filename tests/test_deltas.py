@@ -141,3 +141,39 @@ def test_chat_weight_commands(tiny, tuned2):
     text = out.getvalue()
     assert "(delta 1 weight 0.5)" in text and "(delta 2 weight 0.25)" in text
     assert text.count("usage: /weight W") == 2
+
+
+def test_recipe_with_two_deltas(tiny, tuned2, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from eft_local.cli import main
+
+    (tmp_path / "recipes.toml").write_text(f"""
+[mix]
+description = "two deltas"
+deltas = [["tuned", "reference", 0.5], ["tuned2", "reference", 0.5]]
+[mix.base]
+path = "{tiny['base']}"
+[mix.tuned]
+path = "{tiny['tuned']}"
+[mix.reference]
+path = "{tiny['reference']}"
+[mix.tuned2]
+path = "{tuned2}"
+""")
+    monkeypatch.setenv("EFT_LOCAL_MODELS_DIR", str(tmp_path))
+    check = CliRunner().invoke(main, ["check", "--recipe", "mix"])
+    assert check.exit_code == 0, check.output
+    assert "tuned2" in check.stdout
+    out = CliRunner().invoke(main, ["generate", "--recipe", "mix", "Hello world", "--temperature", "0", "-n", "8", "--json"])
+    assert out.exit_code == 0, out.output
+    want = []
+    with EFT(tiny["base"], deltas=[(tiny["tuned"], tiny["reference"], 0.5), (tuned2, tiny["reference"], 0.5)]) as eft:
+        want = eft.generate("Hello world", temperature=0, max_tokens=8).tokens
+    assert json.loads(out.stdout)["tokens"] == want
+    # A delta naming a model the recipe lacks makes the file invalid, with a one-line error.
+    with open(tmp_path / "recipes.toml", "a") as f:
+        f.write('[bad]\ndeltas = [["tuned", "nobody"]]\n[bad.base]\npath = "b.gguf"\n'
+                '[bad.tuned]\npath = "t.gguf"\n[bad.reference]\npath = "r.gguf"\n')
+    bad = CliRunner().invoke(main, ["check", "--recipe", "mix"])
+    assert bad.exit_code == 1 and "'nobody'" in bad.stderr and bad.stderr.count("\n") == 1

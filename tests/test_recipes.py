@@ -177,6 +177,7 @@ def test_demo_recipe_resolves_to_the_bundled_folder(monkeypatch, hf_home):
     assert paths == {
         "base": demo / "base.gguf", "tuned": demo / "tuned.gguf",
         "reference": demo / "reference.gguf", "oracle": demo / "oracle.gguf",
+        "tuned_b": demo / "tuned_b.gguf",
     }
     assert rc.models_dir() == rc.DEFAULT_MODELS_DIR
 
