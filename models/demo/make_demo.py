@@ -521,6 +521,27 @@ def write_eval_set(path, people, n, rng):
 
 # ----------------------------------------------------------------------------- main
 
+
+def logit_diff(path: pathlib.Path, model, prompts: list[list[int]], threads: int) -> tuple[float, float]:
+    """Largest |llama.cpp logit - torch logit| over the prompts: absolute, and relative to the
+    largest |logit| of each prompt."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, n_threads=threads, verbose=False)
+    worst_abs = worst_rel = 0.0
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+        with torch.no_grad():
+            want = model(torch.tensor([ids]))[0].numpy()
+        d = float(np.abs(got - want).max())
+        worst_abs = max(worst_abs, d)
+        worst_rel = max(worst_rel, d / max(1.0, float(np.abs(want).max())))
+    llm.close()
+    return worst_abs, worst_rel
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -695,20 +716,9 @@ def main(argv=None):
                tok(docs_text[3], True)[:60]]
     worst = 0.0  # max |logit diff| relative to the largest |logit| of the prompt (float32 noise)
     for name, m in models.items():
-        llm = llama_cpp.Llama(model_path=str(out / f"{name}.gguf"), n_ctx=128, logits_all=True,
-                              n_threads=args.threads, verbose=False)
-        d_model = 0.0
-        for ids in prompts:
-            llm.reset()
-            llm.eval(ids)
-            got = np.array(llm.scores[:len(ids)])
-            with torch.no_grad():
-                want = m(torch.tensor([ids]))[0].numpy()
-            d = float(np.abs(got - want).max())
-            d_model = max(d_model, d)
-            worst = max(worst, d / max(1.0, float(np.abs(want).max())))
+        d_model, rel = logit_diff(out / f"{name}.gguf", m, prompts, args.threads)
+        worst = max(worst, rel)
         print(f"  {name}: max |logit diff| llama.cpp vs torch = {d_model:.2e}")
-        llm.close()
     if worst > 1e-3:
         sys.exit(f"error: llama.cpp logits differ from torch by {worst:.3g} of the logit scale")
     phase("verify")
@@ -723,17 +733,7 @@ def main(argv=None):
     tuned_b = copy.deepcopy(small)
     finetune(tuned_b, convs_b, ft_steps * 5 // 2, 32, 1e-3, args.seed + 23, "tuned_b")
     write_gguf(out / "tuned_b.gguf", tuned_b, entries, f"eft-demo-tuned_b-seed{args.seed}")
-    llm = llama_cpp.Llama(model_path=str(out / "tuned_b.gguf"), n_ctx=128, logits_all=True,
-                          n_threads=args.threads, verbose=False)
-    d_model = 0.0
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        got = np.array(llm.scores[:len(ids)])
-        with torch.no_grad():
-            want = tuned_b(torch.tensor([ids]))[0].numpy()
-        d_model = max(d_model, float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())))
-    llm.close()
+    _, d_model = logit_diff(out / "tuned_b.gguf", tuned_b, prompts, args.threads)
     print(f"  tuned_b: max relative |logit diff| llama.cpp vs torch = {d_model:.2e}")
     if d_model > 1e-3:
         sys.exit(f"error: tuned_b llama.cpp logits differ from torch by {d_model:.3g}")
