@@ -169,7 +169,7 @@ def model_set(recipe: str | None, base: str | None, tuned: str | None, reference
     """The base path and the deltas: from --delta, else --tuned/--reference, else the recipe's."""
     if not deltas:
         models = resolve_models(recipe, base, tuned, reference)
-        if tuned or reference or (base and recipe is None):
+        if tuned or reference:
             return models["base"], [(models["tuned"], models["reference"], weight)]
         from .recipes import default_recipe, get_recipe
 
