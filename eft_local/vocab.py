@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -38,7 +38,6 @@ class VocabInfo:
     add_bos: bool | None
     chat_template: str | None
     context_length: int | None
-    metadata: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
     @property
     def n_vocab(self) -> int:
@@ -82,7 +81,6 @@ def read_vocab(path: str | os.PathLike) -> VocabInfo:
         add_bos=None if add_bos is None else bool(add_bos),
         chat_template=meta.get("tokenizer.chat_template"),
         context_length=opt_int(f"{arch}.context_length"),
-        metadata=meta,
     )
 
 

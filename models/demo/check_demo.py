@@ -146,8 +146,8 @@ def main(argv=None):
               f"tokens {res[label][2]:.1f}  ({res[label][3]:.0f}s)", flush=True)
 
     print()
-    print(f"| config | format % | accuracy % | mean tokens |")
-    print(f"|---|---|---|---|")
+    print("| config | format % | accuracy % | mean tokens |")
+    print("|---|---|---|---|")
     for label, (f, a, t, _) in res.items():
         print(f"| {label} | {f:.1f} | {a:.1f} | {t:.1f} |")
     if all(k in res for k in ("small tuned", "large base", "up-scaled EFT", "oracle")):
