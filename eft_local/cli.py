@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, TextIO
 
 import click
 
-from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion
+from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion, delta_roles
 from .errors import EFTError
 from . import evaluate as ev
 from .vocab import check_vocabularies, read_vocab
@@ -396,8 +396,8 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
     base_path, pairs = model_set(recipe, base, tuned, reference, deltas)
     infos = {"base": read_vocab(base_path)}
     for i, (t, r, _) in enumerate(pairs, 1):
-        suffix = "" if i == 1 else str(i)
-        infos[f"tuned{suffix}"], infos[f"reference{suffix}"] = read_vocab(t), read_vocab(r)
+        tuned_role, reference_role = delta_roles(i)
+        infos[tuned_role], infos[reference_role] = read_vocab(t), read_vocab(r)
     for role, v in infos.items():
         click.echo(
             f"{role:<10} {v.path}\n"

@@ -148,7 +148,7 @@ class EFT:
         for i, pair in enumerate(pairs, 1):
             if len(pair) not in (2, 3) or pair[0] is None or pair[1] is None:
                 raise EFTError(f"delta {i} needs a tuned and a reference model, got {pair!r}")
-            t, r = ("tuned", "reference") if i == 1 else (f"tuned{i}", f"reference{i}")
+            t, r = delta_roles(i)
             paths[t], paths[r] = os.fspath(pair[0]), os.fspath(pair[1])
             self.deltas.append((t, r))
             self.weights.append(check_weight(pair[2] if len(pair) == 3 else 1.0))
@@ -483,6 +483,11 @@ class EFT:
     def stream_chat(self, messages: Sequence[Message], **options: Any) -> Iterator[Chunk]:
         """Stream a reply to a chat."""
         return self.stream(messages=messages, **options)
+
+
+def delta_roles(i: int) -> tuple[str, str]:
+    """Role names of the i-th delta (from 1): tuned/reference, then tuned2/reference2, ..."""
+    return ("tuned", "reference") if i == 1 else (f"tuned{i}", f"reference{i}")
 
 
 def per_role(value: int | Mapping[str, int] | None, name: str, default: int, roles: Sequence[str]) -> dict[str, int]:
