@@ -17,6 +17,7 @@ import numpy as np
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
+F32 = gguf.GGMLQuantizationType.F32
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 def _blocks(qtype: gguf.GGMLQuantizationType, rng: np.random.Generator, n_out: int, n_in: int,
             zero: bool = False) -> np.ndarray:
-    """Random Q4_0 or Q8_0 rows: per block of 32 an f16 scale, then 4-bit or 8-bit values."""
+    """Random Q4_0 or Q8_0 rows (per block of 32 an f16 scale, then 4-bit or 8-bit values) or F32."""
+    if qtype == F32:
+        if zero:
+            return np.zeros((n_out, n_in), dtype=np.float32)
+        return rng.standard_normal((n_out, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = n_in // block
     out = np.zeros((n_out, blocks, block_bytes), dtype=np.uint8)
@@ -79,11 +84,13 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> int:
 
 
 def write_random_llama(path: Path, shape: Shape, tokenizer_from: Path, *, seed: int,
-                       noop_layers: int = 0, qtype: gguf.GGMLQuantizationType = Q4_0) -> Path:
+                       noop_layers: int = 0, qtype: gguf.GGMLQuantizationType = Q4_0,
+                       noop_qtype: gguf.GGMLQuantizationType | None = None) -> Path:
     """A llama GGUF of ``shape`` with random Q4_0/Q8_0 weights and ``tokenizer_from``'s tokenizer.
 
-    ``noop_layers`` more layers are appended whose output projections are zero: they cost a
-    full layer's compute and leave the residual stream, and so the logits, unchanged.
+    ``noop_layers`` more layers (weights of ``noop_qtype``, default ``qtype``) are appended whose
+    output projections are zero: they cost a full layer's work and leave the residual stream,
+    and so the logits, unchanged.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -103,8 +110,12 @@ def write_random_llama(path: Path, shape: Shape, tokenizer_from: Path, *, seed: 
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
 
-    def mat(name: str, n_out: int, n_in: int, zero: bool = False) -> None:
-        w.add_tensor(name, _blocks(qtype, _rng(seed, name), n_out, n_in, zero), raw_dtype=qtype)
+    def mat(name: str, n_out: int, n_in: int, zero: bool = False, qt: gguf.GGMLQuantizationType = qtype) -> None:
+        data = _blocks(qt, _rng(seed, name), n_out, n_in, zero)
+        if qt == F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=qt)
 
     ones = np.ones(shape.n_embd, dtype=np.float32)
     # Tied embeddings (no output.weight), as SmolLM2 has.
@@ -112,16 +123,17 @@ def write_random_llama(path: Path, shape: Shape, tokenizer_from: Path, *, seed: 
     kv = shape.n_head_kv * head_dim
     for i in range(n_layer):
         noop = i >= shape.n_layer
+        qt = noop_qtype if noop and noop_qtype is not None else qtype
         p = f"blk.{i}"
         w.add_tensor(f"{p}.attn_norm.weight", ones)
-        mat(f"{p}.attn_q.weight", shape.n_embd, shape.n_embd)
-        mat(f"{p}.attn_k.weight", kv, shape.n_embd)
-        mat(f"{p}.attn_v.weight", kv, shape.n_embd)
-        mat(f"{p}.attn_output.weight", shape.n_embd, shape.n_embd, zero=noop)
+        mat(f"{p}.attn_q.weight", shape.n_embd, shape.n_embd, qt=qt)
+        mat(f"{p}.attn_k.weight", kv, shape.n_embd, qt=qt)
+        mat(f"{p}.attn_v.weight", kv, shape.n_embd, qt=qt)
+        mat(f"{p}.attn_output.weight", shape.n_embd, shape.n_embd, zero=noop, qt=qt)
         w.add_tensor(f"{p}.ffn_norm.weight", ones)
-        mat(f"{p}.ffn_gate.weight", shape.n_ff, shape.n_embd)
-        mat(f"{p}.ffn_up.weight", shape.n_ff, shape.n_embd)
-        mat(f"{p}.ffn_down.weight", shape.n_embd, shape.n_ff, zero=noop)
+        mat(f"{p}.ffn_gate.weight", shape.n_ff, shape.n_embd, qt=qt)
+        mat(f"{p}.ffn_up.weight", shape.n_ff, shape.n_embd, qt=qt)
+        mat(f"{p}.ffn_down.weight", shape.n_embd, shape.n_ff, zero=noop, qt=qt)
     w.add_tensor("output_norm.weight", ones)
     w.write_header_to_file()
     w.write_kv_data_to_file()

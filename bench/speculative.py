@@ -6,10 +6,14 @@
     SmolLM2's real tokenizer; single models, EFT sequential and concurrent, loop overhead.
 (b) controlled acceptance: base = reference + no-op layers (same function, 8x+ the cost), so
     EFT equals the tuned model and greedy acceptance is 100%; speculative K = 2..8 and auto.
+    Twice: no-op layers in F32, whose decode is bound by memory traffic as a large model's is on
+    a laptop (a batch of 5 costs ~1.5 tokens), and in Q4_0, bound by arithmetic on this kind of
+    2-core machine (a batch of 5 costs ~3 tokens). Each table prints that measured batch cost.
 (c) the bundled demo triple (models/demo), when present: acceptance and speed-up at each K.
 
 Every row uses the same threads and prompt; models are generated once into the cache
-(default ~/.cache/eft-local/bench). Prints markdown tables with ratios measured in this run.
+(default ~/.cache/eft-local/bench, 4.5 GB). Rows are interleaved, round by round, and ratios taken
+within a round. Prints markdown tables with ratios measured in this run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import click
@@ -27,63 +32,109 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import real_models  # noqa: E402
-from build import SMOLLM2_1_7B, SMOLLM2_135M, write_random_llama  # noqa: E402
+from build import F32, SMOLLM2_1_7B, SMOLLM2_135M, write_random_llama  # noqa: E402
 
 from eft_local import EFT  # noqa: E402
+from eft_local.backend import Backend  # noqa: E402
 
 PROMPT = "The history of the old city begins with"
 THREADS = os.cpu_count() or 1  # per model; --threads changes it
 
 
-REPEATS = 3  # each row is the median run of this many
+REPEATS = 5  # each row is the median run of this many
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def median_by(runs: list, key) -> object:
     return sorted(runs, key=key)[len(runs) // 2]
 
 
-def llama_alone(path: Path, tokens: int) -> float:
-    """Tokens/s of llama-cpp-python's own greedy loop (Llama.generate), prompt excluded."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
-    # Timing starts after a few tokens: the prompt and the first pages of the mmapped
-    # weights are read before them.
-    warm = 4
+class Alone:
+    """llama-cpp-python's own greedy loop (Llama.generate) on one model; a call returns tokens/s."""
 
-    def once() -> float:
-        for i, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True)):
+    def __init__(self, path: Path, tokens: int):
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=THREADS,
+                                   n_threads_batch=THREADS, verbose=False)
+        self.prompt = self.llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+        self.tokens = tokens
+        self()  # warm-up: reads the mmapped weights once
+
+    def __call__(self) -> dict:
+        # Timing starts after a few tokens, once the prompt is evaluated (prompt excluded).
+        warm = 4
+        for i, _ in enumerate(self.llm.generate(self.prompt, temp=0.0, reset=True)):
             if i == warm:
                 t0 = time.perf_counter()
-            if i == warm + tokens:
-                return tokens / (time.perf_counter() - t0)
+            if i == warm + self.tokens:
+                return {"tokens_per_second": self.tokens / (time.perf_counter() - t0)}
         raise AssertionError("unreachable")
 
-    try:
-        return median_by([once() for _ in range(REPEATS)], float)
-    finally:
-        llm.close()
+    def close(self) -> None:
+        self.llm.close()
 
 
-def eft_run(paths: dict[str, Path], tokens: int, *, speculative=None, concurrent=False) -> dict:
-    """Greedy EFT generation of exactly ``tokens`` tokens; returns the stats of the median run."""
+def open_eft(paths: dict[str, Path], *, concurrent: bool = False) -> EFT:
     threads = max(1, THREADS // 3) if concurrent else THREADS
-    with EFT(paths["base"], paths["tuned"], paths["reference"], concurrent=concurrent, n_ctx=1024,
-             n_threads=threads) as eft:
-        eft.generate(PROMPT, raw=True, temperature=0, max_tokens=6, ignore_eos=True)  # warm-up, as above
-        runs = [eft.generate(PROMPT, raw=True, temperature=0, max_tokens=tokens, ignore_eos=True,
-                             speculative=speculative).stats for _ in range(REPEATS)]
-        return median_by(runs, lambda st: st["tokens_per_second"])
+    eft = EFT(paths["base"], paths["tuned"], paths["reference"], concurrent=concurrent, n_ctx=1024, n_threads=threads)
+    eft.generate(PROMPT, raw=True, temperature=0, max_tokens=6, ignore_eos=True)  # warm-up, as above
+    return eft
 
 
-def build(cache: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+def eft_runner(eft: EFT, tokens: int, speculative=None):
+    """Greedy EFT generation of exactly ``tokens`` tokens; a call returns its stats."""
+    return lambda: eft.generate(PROMPT, raw=True, temperature=0, max_tokens=tokens, ignore_eos=True,
+                                speculative=speculative).stats
+
+
+def interleaved(runs: dict[str, object]) -> dict[str, list[dict]]:
+    """Run every entry once per round, REPEATS rounds.
+
+    Ratios are then taken within a round: runs minutes apart on a shared machine can differ by
+    more than the effects measured, runs seconds apart much less.
+    """
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(REPEATS):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def tps(results: list[dict]) -> float:
+    return median([r["tokens_per_second"] for r in results])
+
+
+def ratio(results: dict[str, list[dict]], name: str, over: str) -> float:
+    """Median over rounds of name's tokens/s over ``over``'s in the same round."""
+    return median([a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(results[name], results[over])])
+
+
+def batch_cost(b: Backend, n: int) -> float:
+    """Time of one decode of ``n`` tokens (logits at each) over that of one token, after the prompt."""
+    b.sync(b.tokenize(PROMPT))
+    start = len(b.tokens)
+
+    def once(k: int) -> float:
+        b.trim(start)
+        t0 = time.perf_counter()
+        b.eval(list(range(100, 100 + k)), n_logits=k)
+        return time.perf_counter() - t0
+
+    once(n)  # warm-up: the first decode of a size allocates its buffers
+    return median([once(n) / once(1) for _ in range(2 * REPEATS + 1)])
+
+
+def build(cache: Path) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
     tok = real_models.smollm2()
     cache.mkdir(parents=True, exist_ok=True)
 
-    def get(name, shape, seed, noop=0):
+    def get(name, shape, seed, noop=0, noop_qtype=None):
         path = cache / name
         if not path.exists():
             click.echo(f"writing {path}", err=True)
-            write_random_llama(path, shape, tok, seed=seed, noop_layers=noop)
+            write_random_llama(path, shape, tok, seed=seed, noop_layers=noop, noop_qtype=noop_qtype)
         return path
 
     realistic = {
@@ -91,49 +142,63 @@ def build(cache: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         "tuned": get("random-135m-a-q4_0.gguf", SMOLLM2_135M, 12),
         "reference": get("random-135m-b-q4_0.gguf", SMOLLM2_135M, 13),
     }
-    # 270 no-op layers on a 30-layer model: ~8.5x the reference's decode work.
+    small = {"tuned": realistic["tuned"], "reference": realistic["reference"]}
+    # The same seed as the reference: its 30 layers are copied exactly, then the no-op layers.
+    # 200 F32 no-op layers: ~20x the reference's decode time or more, 2.9 GB of weights a token
+    # (as many bytes as a 5B model in Q4_0); 270 Q4_0 layers: ~9x.
     controlled = {
-        "base": get("random-135m-b-noop270-q4_0.gguf", SMOLLM2_135M, 13, noop=270),
-        "tuned": realistic["tuned"],
-        "reference": realistic["reference"],
+        "F32": {"base": get("random-135m-b-noop200-f32.gguf", SMOLLM2_135M, 13, noop=200, noop_qtype=F32), **small},
+        "Q4_0": {"base": get("random-135m-b-noop270-q4_0.gguf", SMOLLM2_135M, 13, noop=270), **small},
     }
     return realistic, controlled
 
 
 def section_a(paths: dict[str, Path], tokens: int) -> None:
     click.echo("\n### (a) realistic sizes: SmolLM2-1.7B-shaped base, 135M-shaped tuned and reference (Q4_0)\n")
-    alone = {role: llama_alone(p, tokens) for role, p in paths.items()}
-    ideal = 1 / sum(1 / v for v in alone.values())
-    seq = eft_run(paths, tokens)
-    conc = eft_run(paths, tokens, concurrent=True)
+    with ExitStack() as stack:
+        runs = {}
+        for role, path in paths.items():
+            runs[role] = stack.enter_context(closing(Alone(path, tokens)))
+        runs["EFT sequential"] = eft_runner(stack.enter_context(open_eft(paths)), tokens)
+        runs["EFT concurrent"] = eft_runner(stack.enter_context(open_eft(paths, concurrent=True)), tokens)
+        res = interleaved(runs)
+    # 1/(t_base + t_tuned + t_reference) from the single-model runs of the same round.
+    res["ideal"] = [{"tokens_per_second": 1 / sum(1 / r["tokens_per_second"] for r in rnd)}
+                    for rnd in zip(*(res[role] for role in paths))]
     click.echo("| run | tokens/s | vs base alone | vs 1/(t_base+t_tuned+t_reference) | loop overhead share |")
     click.echo("|---|---|---|---|---|")
-    for role in ("base", "tuned", "reference"):
-        click.echo(f"| {role} alone (llama-cpp-python loop) | {alone[role]:.2f} | {alone[role] / alone['base']:.2f} | | |")
-    for label, st in (("EFT sequential", seq), ("EFT concurrent", conc)):
-        tps = st["tokens_per_second"]
-        overhead = (st["generate_seconds"] - st["forward_seconds"]) / st["generate_seconds"]
-        click.echo(f"| {label} | {tps:.2f} | {tps / alone['base']:.2f} | {tps / ideal:.2f} | {overhead:.1%} |")
+    for role in paths:
+        click.echo(f"| {role} alone (llama-cpp-python loop) | {tps(res[role]):.2f} | {ratio(res, role, 'base'):.2f} | | |")
+    for label in ("EFT sequential", "EFT concurrent"):
+        overhead = median([(st["generate_seconds"] - st["forward_seconds"]) / st["generate_seconds"] for st in res[label]])
+        click.echo(f"| {label} | {tps(res[label]):.2f} | {ratio(res, label, 'base'):.2f} | {ratio(res, label, 'ideal'):.2f} | "
+                   f"{overhead:.1%} |")
 
 
 def section_spec(title: str, paths: dict[str, Path], tokens: int, ks: list) -> list[tuple]:
     click.echo(f"\n### {title}\n")
-    base = llama_alone(paths["base"], tokens)
-    ref = llama_alone(paths["reference"], tokens)
-    plain = eft_run(paths, tokens)["tokens_per_second"]
-    click.echo(f"base alone {base:.2f} tokens/s, reference alone {ref:.2f} tokens/s (base costs {ref / base:.1f}x the reference)\n")
+    with ExitStack() as stack:
+        runs = {"base": stack.enter_context(closing(Alone(paths["base"], tokens))),
+                "reference": stack.enter_context(closing(Alone(paths["reference"], tokens)))}
+        eft = stack.enter_context(open_eft(paths))
+        runs["EFT"] = eft_runner(eft, tokens)
+        runs.update({k: eft_runner(eft, tokens, speculative=k) for k in ks})
+        res = interleaved(runs)
+        cost = {role: batch_cost(eft.models[role], 5) for role in ("base", "reference")}
+    click.echo(f"base alone {tps(res['base']):.2f} tokens/s, reference alone {tps(res['reference']):.2f} tokens/s "
+               f"(base costs {ratio(res, 'reference', 'base'):.1f}x the reference); one decode of 5 tokens costs the "
+               f"base {cost['base']:.2f}x one token, the reference {cost['reference']:.2f}x\n")
     click.echo("| run | tokens/s | vs EFT | vs base alone | acceptance | accepted / round |")
     click.echo("|---|---|---|---|---|---|")
-    click.echo(f"| base alone (llama-cpp-python loop) | {base:.2f} | {base / plain:.2f} | 1.00 | | |")
-    click.echo(f"| EFT, not speculative | {plain:.2f} | 1.00 | {plain / base:.2f} | | |")
+    click.echo(f"| base alone (llama-cpp-python loop) | {tps(res['base']):.2f} | {ratio(res, 'base', 'EFT'):.2f} | 1.00 | | |")
+    click.echo(f"| EFT, not speculative | {tps(res['EFT']):.2f} | 1.00 | {ratio(res, 'EFT', 'base'):.2f} | | |")
     points = []
     for k in ks:
-        st = eft_run(paths, tokens, speculative=k)
-        tps = st["tokens_per_second"]
-        points.append((k, tps))
-        click.echo(f"| speculative K={k} | {tps:.2f} | {tps / plain:.2f} | {tps / base:.2f} | "
+        st = median_by(res[k], lambda r: r["tokens_per_second"])
+        points.append((k, ratio(res, k, "EFT")))
+        click.echo(f"| speculative K={k} | {tps(res[k]):.2f} | {ratio(res, k, 'EFT'):.2f} | {ratio(res, k, 'base'):.2f} | "
                    f"{st['acceptance_rate']:.0%} | {st['accepted_per_round']:.2f} |")
-    return [("EFT", plain), ("base", base), *points]
+    return [("EFT", 1.0), ("base", ratio(res, "base", "EFT")), *points]
 
 
 def section_demo(paths: dict[str, Path], ks: list, n_items: int = 40) -> list[tuple]:
@@ -166,7 +231,7 @@ def plot(series: dict[str, list[tuple]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for name, points in series.items():
         ref = dict(points)["EFT"]
         ks = [(k, v / ref) for k, v in points if isinstance(k, int)]
@@ -175,7 +240,7 @@ def plot(series: dict[str, list[tuple]], path: Path) -> None:
     ax.axhline(1.0, color="gray", linestyle=":", label="EFT, not speculative")
     ax.set_xlabel("draft length K")
     ax.set_ylabel("tokens/s relative to EFT")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -197,9 +262,12 @@ def main(tokens: int, cache: Path, plot_path: Path | None, skip: tuple[str, ...]
     if "a" not in skip:
         section_a(realistic, tokens)
     if "b" not in skip:
-        series["controlled"] = section_spec(
-            "(b) controlled acceptance: base = reference + 270 no-op layers, so EFT = tuned", controlled, tokens,
-            [2, 4, 6, 8, "auto"])
+        series["F32 no-op layers"] = section_spec(
+            "(b) controlled acceptance: base = reference + 200 no-op layers in F32 (memory-bound), so EFT = tuned",
+            controlled["F32"], tokens, [2, 4, 6, 8, "auto"])
+        series["Q4_0 no-op layers"] = section_spec(
+            "(b') the same with 270 no-op layers in Q4_0 (compute-bound here)",
+            controlled["Q4_0"], tokens, [2, 4, 6, 8, "auto"])
     demo = {role: ROOT / "models" / "demo" / f"{role}.gguf" for role in ("base", "tuned", "reference")}
     if "c" not in skip and all(p.exists() for p in demo.values()):
         series["demo"] = section_demo(demo, [2, 4, 6, 8, "auto"])
