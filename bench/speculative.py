@@ -39,6 +39,7 @@ from eft_local.backend import Backend  # noqa: E402
 
 PROMPT = "The history of the old city begins with"
 THREADS = os.cpu_count() or 1  # per model; --threads changes it
+GPU_LAYERS = 0  # per model; --gpu-layers changes it (-1: all)
 
 
 REPEATS = 5  # each row is the median run of this many
@@ -57,7 +58,7 @@ class Alone:
 
     def __init__(self, path: Path, tokens: int):
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=THREADS,
-                                   n_threads_batch=THREADS, verbose=False)
+                                   n_threads_batch=THREADS, n_gpu_layers=GPU_LAYERS, verbose=False)
         self.prompt = self.llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
         self.tokens = tokens
         self()  # warm-up: reads the mmapped weights once
@@ -78,7 +79,8 @@ class Alone:
 
 def open_eft(paths: dict[str, Path], *, concurrent: bool = False) -> EFT:
     threads = max(1, THREADS // 3) if concurrent else THREADS
-    eft = EFT(paths["base"], paths["tuned"], paths["reference"], concurrent=concurrent, n_ctx=1024, n_threads=threads)
+    eft = EFT(paths["base"], paths["tuned"], paths["reference"], concurrent=concurrent, n_ctx=1024, n_threads=threads,
+              n_gpu_layers=GPU_LAYERS)
     eft.generate(PROMPT, raw=True, temperature=0, max_tokens=6, ignore_eos=True)  # warm-up, as above
     return eft
 
@@ -208,7 +210,7 @@ def section_demo(paths: dict[str, Path], ks: list, n_items: int = 40) -> list[tu
     click.echo(f"\n### (c) the demo triple: {n_items} held-out questions, greedy, up to 32 tokens each\n")
     items = ev.load_items(ROOT / "models" / "demo" / "heldout.jsonl")[:n_items]
     models = {k: str(v) for k, v in paths.items()}
-    opts = {"n_threads": THREADS}
+    opts = {"n_threads": THREADS, "n_gpu_layers": GPU_LAYERS}
     base = ev.evaluate(ev.parse_config("base", models), items, engine_options=opts).tokens_per_second
     plain = ev.evaluate(ev.parse_config("eft", models), items, engine_options=opts)
     click.echo("| run | tokens/s | vs EFT | vs base alone | acceptance | accuracy % |")
@@ -251,9 +253,13 @@ def plot(series: dict[str, list[tuple]], path: Path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of throughput against K.")
 @click.option("--skip", multiple=True, type=click.Choice(["a", "b", "c"]), help="Sections to leave out.")
 @click.option("--threads", type=int, default=None, help="Threads per model [default: all cores].")
-def main(tokens: int, cache: Path, plot_path: Path | None, skip: tuple[str, ...], threads: int | None) -> None:
-    global THREADS
+@click.option("--gpu-layers", type=int, default=0, show_default=True,
+              help="Layers per model offloaded to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+def main(tokens: int, cache: Path, plot_path: Path | None, skip: tuple[str, ...], threads: int | None,
+         gpu_layers: int) -> None:
+    global THREADS, GPU_LAYERS
     THREADS = threads or THREADS
+    GPU_LAYERS = gpu_layers
     start = time.perf_counter()
     click.echo(f"{THREADS} threads per model, {tokens} tokens per run, median of {REPEATS} runs, greedy, "
                f"prompt {PROMPT!r}")
