@@ -45,12 +45,12 @@ GPU_LAYERS = 0  # per model; --gpu-layers changes it (-1: all)
 REPEATS = 5  # each row is the median run of this many
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def median_by(runs: list, key) -> object:
     return sorted(runs, key=key)[len(runs) // 2]
+
+
+def median(values: list[float]) -> float:
+    return median_by(values, float)
 
 
 class Alone:
