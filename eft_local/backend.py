@@ -6,6 +6,7 @@ needs: evaluate tokens, read logits at a position, trim the cache to n tokens, v
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import sys
@@ -15,17 +16,52 @@ import llama_cpp
 import numpy as np
 
 from .errors import EFTError
+from .interrupts import sigint_deferred
+from .template import llama_cpp_templates_deferred
 
 # A piece longer than this comes back as a negative length and is retried with a larger buffer.
 _PIECE_BUF = 256
 
 
+# ggml_log_level values (ggml.h): an error, and the continuation of the previous message.
+_LOG_ERROR = 4
+_LOG_CONT = 5
+
+# The latest llama.cpp log messages as (level, text): llama-cpp-python sends llama.cpp's
+# stderr to /dev/null while it loads a model, so this is where a refused file's reason is
+# found. deque.append is atomic, so threads that log at once do no harm.
+_recent_log: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
+
+
 @llama_cpp.llama_log_callback
 def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace")
+    _recent_log.append((level, message))
     # llama.cpp logs some notices even with verbose=False; a chat in a terminal should not
     # show them. EFT_LOCAL_DEBUG=1 brings them back.
     if os.environ.get("EFT_LOCAL_DEBUG"):
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.write(message)
+
+
+def _logged_error() -> str | None:
+    """llama.cpp's own last error message since the log was cleared, as one line."""
+    errors: list[str] = []
+    for level, message in list(_recent_log):
+        if level == _LOG_CONT and errors:
+            errors[-1] += message
+        elif level == _LOG_ERROR:
+            errors.append(message)
+    lines = [line.strip() for e in errors for line in e.splitlines() if line.strip()]
+    # The loader's closing "failed to load model" says nothing the caller does not know.
+    lines = [line for line in lines if not line.endswith("failed to load model")]
+    if not lines:
+        return None
+    # "llama_model_load: error loading model: <reason>": the function name is noise to a user.
+    reason = lines[-1]
+    prefix = "error loading model: "
+    if prefix in reason:
+        reason = reason.split(prefix, 1)[1]
+    return reason
 
 
 llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
@@ -57,20 +93,29 @@ class Backend:
     ):
         self.path = os.fspath(path)
         threads = n_threads or os.cpu_count() or 1
+        # verbose=True stops llama-cpp-python from sending llama.cpp's stderr to /dev/null
+        # during the load, so EFT_LOCAL_DEBUG=1 shows the load log through _log.
+        debug = bool(os.environ.get("EFT_LOCAL_DEBUG"))
+        _recent_log.clear()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=self.path,
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=n_batch,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers,
-                logits_all=False,
-                verbose=False,
-            )
+            # llama-cpp-python would compile the file's chat templates here, unbounded; eft-local
+            # renders them itself, within limits (template.py).
+            with llama_cpp_templates_deferred():
+                self.llm = llama_cpp.Llama(
+                    model_path=self.path,
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_ubatch=n_batch,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu_layers,
+                    logits_all=False,
+                    verbose=debug,
+                )
         except (ValueError, RuntimeError) as e:
-            raise EFTError(f"cannot load {self.path}: {e}") from None
+            # llama-cpp-python only says "Failed to load model from file"; llama.cpp's log says why.
+            reason = _logged_error()
+            raise EFTError(f"cannot load {self.path}: " + (f"llama.cpp: {reason}" if reason else str(e))) from None
         self.ctx = self.llm.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -114,6 +159,11 @@ class Backend:
             start = end
 
     def _decode(self, chunk: Sequence[int], first_output: int) -> None:
+        # Ctrl-C waits until the token list records what the cache now holds.
+        with sigint_deferred():
+            self._decode_chunk(chunk, first_output)
+
+    def _decode_chunk(self, chunk: Sequence[int], first_output: int) -> None:
         b = self._batch
         n_past = len(self.tokens)
         for i, tok in enumerate(chunk):
@@ -152,9 +202,10 @@ class Backend:
         """
         if n >= len(self.tokens):
             return
-        if llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
-            del self.tokens[n:]
-            return
+        with sigint_deferred():
+            if llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
+                del self.tokens[n:]
+                return
         keep = self.tokens[:n]
         self.reset()
         if keep:
@@ -177,8 +228,9 @@ class Backend:
 
     def reset(self) -> None:
         """Forget the whole cache."""
-        llama_cpp.llama_memory_clear(self.memory, True)
-        self.tokens.clear()
+        with sigint_deferred():
+            llama_cpp.llama_memory_clear(self.memory, True)
+            self.tokens.clear()
 
     # --- vocabulary ------------------------------------------------------------------------
 

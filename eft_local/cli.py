@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
-from typing import Any, Callable, Iterable, TextIO
+import threading
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import click
 
 from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion, delta_roles
 from .errors import EFTError
 from . import evaluate as ev
+from .text import replace_undecodable
 from .vocab import check_vocabularies, read_vocab
 
 # Re-raise unexpected exceptions with their traceback when set (for debugging).
@@ -198,7 +202,7 @@ SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens"
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a command's keyword arguments into model-loading and sampling ones."""
     sampling = {k: kwargs.pop(k) for k in SAMPLING_NAMES}
-    sampling["stop"] = list(sampling["stop"])
+    sampling["stop"] = [clean_arg(stop) for stop in sampling["stop"]]
     return kwargs, sampling
 
 
@@ -211,12 +215,34 @@ def main() -> None:
     """
 
 
+UNDECODABLE = "the input held bytes that are not UTF-8; each was replaced with U+FFFD"
+
+
+def clean_arg(text: str | None) -> str | None:
+    """A text argument with undecodable bytes replaced by U+FFFD (and a warning)."""
+    if text is None:
+        return None
+    text, replaced = replace_undecodable(text)
+    if replaced:
+        click.echo(f"warning: {UNDECODABLE}", err=True)
+    return text
+
+
 def read_prompt(prompt: str | None) -> str:
-    """The PROMPT argument, or standard input when it is left out and something is piped."""
+    """The PROMPT argument, or standard input when it is left out and something is piped.
+
+    Bytes that are not UTF-8 become U+FFFD, with a warning, rather than a failure later.
+    """
     if prompt is None:
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        prompt = data.decode("utf-8", errors="replace")
+        replaced = prompt.encode("utf-8") != data
+    else:
+        prompt, replaced = replace_undecodable(prompt)
+    if replaced:
+        click.echo(f"warning: {UNDECODABLE}", err=True)
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
     return prompt
@@ -267,70 +293,140 @@ def chat(system: str | None, **kwargs: Any) -> None:
     Ctrl-C stops the reply in progress and keeps the conversation.
     """
     engine_kw, sample_kw = split_options(kwargs)
+    system = clean_arg(system)
+    # A line that is not UTF-8 arrives with its bytes escaped and is cleaned by the loop,
+    # instead of raising inside input().
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
     with load(**engine_kw) as eft:
         chat_loop(eft, sample_kw, system=system)
 
 
 HELP = ("commands: /reset clears the conversation, /weight W sets the delta's weight, /delta N weight W "
         "sets delta N's, /exit leaves; Ctrl-C stops a reply")
+LEAVE_HINT = "(to leave, type /exit or press Ctrl-D)"
+
+
+class ChatInterrupts:
+    """Chat's Ctrl-C: it stops what is armed (reading a line, a reply) and is ignored elsewhere.
+
+    Installed as the SIGINT handler, so a KeyboardInterrupt is only ever raised inside the
+    ``armed()`` blocks and never while the conversation itself is being updated.
+    """
+
+    def __init__(self) -> None:
+        self._armed = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self._armed:
+            self._armed = False  # a second Ctrl-C lands in the handler's cleanup unarmed
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["ChatInterrupts"]:
+        """Handle SIGINT for the block (main thread only; elsewhere signals never arrive)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
               read: Callable[[str], str] = input, out: TextIO | None = None) -> list[dict[str, str]]:
     """Read a line, stream the reply, repeat. Returns the conversation when the user leaves.
 
-    ``eft`` only needs ``stream_chat(messages, **options)``, so this runs without models in tests.
+    Ctrl-C stops a reply (the partial reply is kept) or, at the prompt, prints how to leave;
+    anywhere else it is ignored, so the conversation is always whole. ``eft`` only needs
+    ``stream_chat(messages, **options)``, so this runs without models in tests.
     """
     out = out or sys.stdout
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     out.write(f"Chatting. {HELP}.\n")
-    while True:
-        try:
-            line = read(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            out.write("\n")
-            return messages
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit", "/bye"):
-            return messages
-        if text == "/reset":
-            messages = list(start)
-            out.write("(conversation cleared)\n")
-            continue
-        if text.split()[0] in ("/weight", "/delta"):
+    with ChatInterrupts().installed() as interrupts:
+        while True:
             try:
-                index, value = parse_weight_command(text)
-                weights = list(eft.weights)
-                weights[index] = value
-                eft.set_weights(weights)
-                out.write(f"(delta {index + 1} weight {value:g})\n")
-            except (ValueError, IndexError, EFTError):
-                out.write(f"usage: /weight W or /delta N weight W, N from 1 to {len(eft.weights)}\n")
-            continue
-        if text.startswith("/"):
-            out.write(f"unknown command {text.split()[0]}; {HELP}\n")
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for chunk in eft.stream_chat(messages, **sample_kw):
-                if chunk.text:
-                    out.write(chunk.text)
-                    out.flush()
-                    reply.append(chunk.text)
-        except KeyboardInterrupt:
-            out.write(" (stopped)")
-        except EFTError as e:
-            # A turn that cannot run (the context is full) does not end the session.
-            messages.pop()
-            sys.stderr.write(f"error: {e}; /reset starts a new conversation\n")
-            continue
-        # The reply as shown, stopped or not, is what the next turn continues from.
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        out.write("\n")
+                with interrupts.armed():
+                    line = read(">>> ")
+            except EOFError:
+                out.write("\n")
+                return messages
+            except KeyboardInterrupt:
+                out.write(f"\n{LEAVE_HINT}\n")
+                continue
+            except UnicodeDecodeError:
+                sys.stderr.write("warning: that line was not UTF-8 text and was ignored\n")
+                continue
+            line, replaced = replace_undecodable(line)
+            if replaced:
+                sys.stderr.write(f"warning: {UNDECODABLE}\n")
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit", "/bye"):
+                return messages
+            if text == "/reset":
+                messages = list(start)
+                out.write("(conversation cleared)\n")
+                continue
+            if text.split()[0] in ("/weight", "/delta"):
+                out.write(weight_command(eft, text) + "\n")
+                continue
+            if text.startswith("/"):
+                out.write(f"unknown command {text.split()[0]}; {HELP}\n")
+                continue
+            turn = [*messages, {"role": "user", "content": line}]
+            reply: list[str] = []
+            stopped = False
+            chunks = None
+            try:
+                with interrupts.armed():
+                    chunks = eft.stream_chat(turn, **sample_kw)
+                    for chunk in chunks:
+                        if chunk.text:
+                            out.write(chunk.text)
+                            out.flush()
+                            reply.append(chunk.text)
+            except KeyboardInterrupt:
+                stopped = True
+            except EFTError as e:
+                # A turn that cannot run (the context is full) does not end the session.
+                sys.stderr.write(f"error: {e}; /reset starts a new conversation\n")
+                continue
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # a stopped stream lets go of the models now, not when collected
+            # The reply as shown, stopped or not, is what the next turn continues from.
+            messages = [*turn, {"role": "assistant", "content": "".join(reply)}]
+            out.write(" (stopped)\n" if stopped else "\n")
+
+
+def weight_command(eft: Any, text: str) -> str:
+    """Apply ``/weight W`` or ``/delta N weight W``; return the line to show."""
+    try:
+        index, value = parse_weight_command(text)
+        weights = list(eft.weights)
+        weights[index] = value
+        eft.set_weights(weights)
+        return f"(delta {index + 1} weight {value:g})"
+    except EFTError as e:
+        return f"error: {e}"
+    except (ValueError, IndexError):
+        return f"usage: /weight W or /delta N weight W, N from 1 to {len(eft.weights)}"
 
 
 @main.command()
@@ -392,7 +488,12 @@ def parse_weight_command(text: str) -> tuple[int, float]:
 @handle_errors
 def check(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
           deltas: tuple[str, ...]) -> None:
-    """Check that the models share one vocabulary (reads headers only)."""
+    """Check that the models share one vocabulary and that the tuned model's chat template renders.
+
+    Reads headers only: no weights are loaded.
+    """
+    from .template import render_sample
+
     base_path, pairs = model_set(recipe, base, tuned, reference, deltas)
     infos = {"base": read_vocab(base_path)}
     for i, (t, r, _) in enumerate(pairs, 1):
@@ -410,6 +511,10 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
         click.echo(f"note: {note}")
     if not infos["tuned"].chat_template:
         click.echo("note: the tuned model has no chat template; chats use a plain transcript")
+    else:
+        # The template is code from the model file: a broken or hostile one fails here, with
+        # the same renderer and limits as a chat, instead of at the first chat.
+        render_sample(infos["tuned"])
     click.echo(f"compatible: {report.n_shared} shared token ids")
 
 
@@ -424,8 +529,10 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 @click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Most tokens per reply.")
 @click.option("--max-words", type=int, default=ev.MAX_WORDS, show_default=True, help="Longest reply that still counts as a short answer.")
 @click.option("--limit", type=int, default=None, help="Use only the first N items.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write results to a .json (with every reply) or .csv file.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart (needs matplotlib).")
+# Output paths are checked by eval itself, for a one-line error before any model loads.
+@click.option("--output", "-o", type=click.Path(), help="Write results to a .json (with every reply) or .csv file, "
+              "rewritten as each configuration finishes.")
+@click.option("--plot", type=click.Path(), help="Write a PNG bar chart (needs matplotlib).")
 @click.option("--match", metavar="REGEX", help="Also report the share of replies this regular expression matches.")
 @speculative_option
 @handle_errors
@@ -440,27 +547,60 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
     """
     if max_tokens < 1 or max_words < 1 or (limit is not None and limit < 1):
         raise EFTError("--max-tokens, --max-words and --limit must be at least 1")
+    # The output paths are checked before anything loads: a long run must not end unable to save.
     if output:
         ev.check_output(output, (".json", ".csv"))
     if plot:
-        ev.check_output(plot, (".png",))
+        ev.check_plot(plot)
+    for path in (output, plot):
+        if path and os.path.exists(path) and os.path.exists(data) and os.path.samefile(path, data):
+            raise EFTError(f"cannot write {path}: it is the data file")
     if deltas:
         raise click.UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
     ev.compile_match(match)  # a bad pattern fails before the models load
     items = ev.load_items(data)[:limit]
     models = resolve_models(recipe, base, tuned, reference)
     specs = [ev.parse_config(spec, models, weight) for spec in (configs or ("base", "tuned", "eft"))]
-    results = []
-    for config in specs:
-        with click.progressbar(length=len(items), label=config.label, file=sys.stderr) as bar:
-            results.append(ev.evaluate(config, items, max_tokens=max_tokens, max_words=max_words,
-                                       engine_options=engine_kwargs(**engine), speculative=speculative, match=match,
-                                       on_item=lambda _: bar.update(1)))
-    click.echo(ev.table(results))
-    if output:
-        ev.write_results(results, output)
+    run = ev.Run(len(items), output, match)
+
+    def keep() -> tuple[list[str], list[str]]:
+        # A run that stops early still saves and shows what finished: files first, as printing
+        # can fail too (a closed pipe).
+        written, problems = run.keep(plot)
+        done = run.finished()
+        if done:
+            click.echo(ev.table(done))
+        return written, problems
+
+    try:
+        for config in specs:
+            run.start(config.label)
+            with click.progressbar(length=len(items), label=config.label, file=sys.stderr) as bar:
+
+                def on_item(item: ev.ItemResult) -> None:
+                    run.add(item)
+                    bar.update(1)
+
+                result = ev.evaluate(config, items, max_tokens=max_tokens, max_words=max_words,
+                                     engine_options=engine_kwargs(**engine), speculative=speculative, match=match,
+                                     on_item=on_item)
+            run.finish(result)  # rewrites --output with every finished configuration
+    except KeyboardInterrupt:
+        written, problems = keep()
+        note = f"interrupted: {run.describe()}"
+        if written:
+            note += f", saved to {', '.join(written)}"
+        click.echo("; ".join([note, *problems]), err=True)
+        sys.exit(130)
+    except Exception as e:
+        written, problems = keep()
+        if problems:
+            message = str(e) if isinstance(e, EFTError) else f"{type(e).__name__}: {e}"
+            raise EFTError("; ".join([message, *problems])) from e
+        raise
+    click.echo(ev.table(run.results))
     if plot:
-        ev.plot(results, plot)
+        ev.plot(run.results, plot)
 
 
 # Registered last: cli_models imports handle_errors from this module.

@@ -34,23 +34,39 @@ def eft_logprobs(
     ``base`` and every ``(tuned, reference, weight)`` are log-probabilities (or raw logits:
     each model's constant cancels in the final renormalisation). Each array may be longer
     than ``n_shared`` (padded vocabularies); ids past it are not part of the result.
-
-    A token that a model with non-zero weight rules out (-inf) stays ruled out, so two -inf
-    values are never subtracted.
     """
+    return log_softmax(eft_scores(base, deltas, n_shared))
+
+
+def eft_scores(
+    base: np.ndarray,
+    deltas: Sequence[tuple[np.ndarray, np.ndarray, float]],
+    n_shared: int,
+) -> np.ndarray:
+    """``base + sum_i w_i * (tuned_i - ref_i)`` over the shared ids, before renormalisation."""
     total = np.array(base[:n_shared], dtype=np.float64)
     for tuned, ref, weight in deltas:
-        if weight == 0:
-            continue
-        t = tuned[:n_shared]
-        r = ref[:n_shared]
-        with np.errstate(invalid="ignore"):
-            total += weight * np.subtract(t, r, dtype=np.float64)
-        impossible = np.isneginf(t) | np.isneginf(r)
-        if impossible.any():
-            total[impossible] = -np.inf
-    return log_softmax(total)
+        add_delta(total, tuned, ref, weight)
+    return total
 
+
+def add_delta(total: np.ndarray, tuned: np.ndarray, ref: np.ndarray, weight: float) -> np.ndarray:
+    """Add one delta's term ``weight * (tuned - ref)`` to ``total`` in place; returns ``total``.
+
+    A token that a model with non-zero weight rules out (-inf) stays ruled out, so two -inf
+    values are never subtracted. Adding to zeros gives the term alone (what ``explain`` shows).
+    """
+    if weight == 0:
+        return total
+    n = len(total)
+    t = tuned[:n]
+    r = ref[:n]
+    with np.errstate(invalid="ignore"):
+        total += weight * np.subtract(t, r, dtype=np.float64)
+    impossible = np.isneginf(t) | np.isneginf(r)
+    if impossible.any():
+        total[impossible] = -np.inf
+    return total
 
 
 def plausible(logp: np.ndarray, component: np.ndarray, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:

@@ -13,10 +13,14 @@ import numpy as np
 from .backend import Backend
 from .combine import eft_logprobs, log_softmax, plausible
 from .errors import EFTError
+from .guard import Guard, holding
+from .interrupts import sigint_deferred
 from .explain import TokenExplanation, explain_tokens
-from .prompt import Message, chat_tokens, check_messages, plain_transcript, raw_tokens
+from .prompt import Message, chat_text, chat_tokens, check_messages, plain_transcript, raw_tokens
+from .template import ChatTemplate
 from .sampling import Sampler
 from .speculative import MAX_DRAFT, SpecStats, speculative_tokens
+from .text import check_text
 from .textstream import TextStream
 from .vocab import VocabReport, check_vocabularies, read_vocab
 
@@ -25,6 +29,9 @@ DEFAULT_CTX = 4096
 # Measured on 2 cores (see README): three small models decode faster one after another,
 # each with every core, than side by side in threads.
 DEFAULT_CONCURRENT = False
+# Deltas' weights beyond this only push the combination to one model's argmax and, far beyond,
+# overflow float64.
+MAX_WEIGHT = 100.0
 
 
 @dataclass
@@ -93,12 +100,18 @@ class Completion:
     def from_chunks(cls, chunks: Iterable[Chunk]) -> "Completion":
         """Collect a stream into one result."""
         text, tokens = [], []
-        for chunk in chunks:
-            text.append(chunk.text)
-            if chunk.token is not None:
-                tokens.append(chunk.token)
-            if chunk.finish_reason is not None:
-                return cls("".join(text), tokens, chunk.finish_reason, chunk.stats or {})
+        try:
+            for chunk in chunks:
+                text.append(chunk.text)
+                if chunk.token is not None:
+                    tokens.append(chunk.token)
+                if chunk.finish_reason is not None:
+                    return cls("".join(text), tokens, chunk.finish_reason, chunk.stats or {})
+        finally:
+            # Interrupted halfway, the stream lets go of the models now, not when collected.
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
         raise EFTError("generation ended without a result")
 
 
@@ -112,7 +125,9 @@ class EFT:
     delta and ``tuned2``, ``reference2``, ... for the next.
 
     Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. One
-    instance serves one conversation at a time; each model keeps its KV cache between calls,
+    instance serves one generation at a time: calls from other threads wait for the running one,
+    and a call made while this thread's own stream is unfinished raises ``EFTError``. Each model
+    keeps its KV cache between calls,
     so a new request only evaluates the tokens after the longest common prefix. A file given in
     several roles that sees the same prompt is loaded and evaluated once. ``n_threads`` and
     ``n_gpu_layers`` take one value for all models or a mapping by role (``{"base": -1}``
@@ -157,7 +172,8 @@ class EFT:
         self.vocabs = {role: read_vocab(p) for role, p in paths.items()}
         self.report: VocabReport = check_vocabularies(self.vocabs)
         self.n_shared = self.report.n_shared
-        self.chat_template = self.vocabs["tuned"].chat_template
+        # Compiled once here: compiling it again for every request would cost more than rendering.
+        self.chat_template = ChatTemplate.from_vocab(self.vocabs["tuned"])
 
         keys = {role: (os.path.realpath(paths[role]), self._view(role)) for role in self.roles}
         unique = list(dict.fromkeys(keys.values()))
@@ -166,8 +182,17 @@ class EFT:
         default_threads = max(1, cores // len(unique)) if self.concurrent else cores
         threads = per_role(n_threads, "n_threads", default_threads, self.roles)
         gpu_layers = per_role(n_gpu_layers, "n_gpu_layers", 0, self.roles)
+        check_threads(threads)
+        for role, n in gpu_layers.items():
+            if n < -1:
+                raise EFTError(f"n_gpu_layers must be -1 (all) or more, got {n} for {role}")
+        # Set before loading: close() after a failed load goes through the guard.
+        self._guard = Guard(self._free)
+        self._pool = None
         self._backends: dict[tuple[str, str], Backend] = {}
         self.models: dict[str, Backend] = {}
+        # The context is capped at each model's trained length; errors say so when it was.
+        self.requested_ctx = n_ctx
         try:
             for role in self.roles:
                 if keys[role] not in self._backends:
@@ -219,7 +244,22 @@ class EFT:
     # --- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free every llama.cpp context and model."""
+        """Free every llama.cpp context and model; later calls raise ``EFTError``.
+
+        Waits for a generation running in another thread; when this thread's own stream is
+        unfinished, the models are freed as that stream ends.
+        """
+        guard = getattr(self, "_guard", None)
+        if guard is None:
+            self._free()
+        else:
+            guard.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._guard.closed
+
+    def _free(self) -> None:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
@@ -255,22 +295,23 @@ class EFT:
             for b in backends:
                 work(b)
             return
-        futures = [self._pool.submit(work, b) for b in backends]
-        try:
+        # Ctrl-C waits for the in-flight decodes, so each cache still matches its token list
+        # (and a wait interrupted halfway can break the executor's own locks).
+        with sigint_deferred():
+            futures = [self._pool.submit(work, b) for b in backends]
             wait(futures)
-        except KeyboardInterrupt:
-            # Let in-flight decodes finish so each cache still matches its token list.
-            wait(futures)
-            raise
         for f in futures:
             f.result()
 
     def _combined(self, mix: Mix) -> np.ndarray:
         """Combined log-probabilities at every model's last evaluated position."""
-        return self._combine_rows({b: log_softmax(b.logits()) for b in self.backends}, mix)
+        return self.combine_rows({b: log_softmax(b.logits()) for b in self.backends}, mix)
 
-    def _combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix) -> np.ndarray:
-        """Combine one position's log-probabilities, given per distinct model."""
+    def combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix) -> np.ndarray:
+        """The distribution tokens are sampled from at one position (before the sampler's own
+        filters), from each distinct model's log-probabilities there: the EFT combination, then
+        the plausibility filter. Generation, speculative verification and ``explain`` all use it.
+        """
         m = self.models
         combined = eft_logprobs(
             logp[m["base"]],
@@ -289,6 +330,7 @@ class EFT:
             self._end_tokens = tuple(t for t in range(self.n_shared) if tuned.is_eog(t))
         return self._end_tokens
 
+    @holding
     def next_logprobs(self, tokens: Sequence[int], *, weights: Sequence[float] | None = None) -> np.ndarray:
         """Combined next-token log-probabilities after ``tokens`` (all models see the same ids).
 
@@ -307,12 +349,23 @@ class EFT:
         if bad:
             raise EFTError(f"token id {bad[0]} is outside the shared vocabulary [0, {self.n_shared})")
         if len(tokens) >= self.n_ctx:
-            raise EFTError(f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; raise --ctx-size")
+            raise EFTError(f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; {self._ctx_hint()}")
+
+    def _ctx_hint(self) -> str:
+        """What would make room: a larger --ctx-size, unless a model's trained length is the cap."""
+        if self.n_ctx < self.requested_ctx:
+            capped = min(self.backends, key=lambda b: b.n_ctx)
+            return f"that is the trained length of {os.path.basename(capped.path)}, which no option raises"
+        return "raise --ctx-size (n_ctx)"
 
     # --- prompts ---------------------------------------------------------------------------
 
+    @holding
     def prompt_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None, raw: bool = False) -> dict[str, list[int]]:
         """The token ids each role sees for a prompt (raw text) or a chat (messages)."""
+        return self._prompt_tokens(prompt, messages=messages, raw=raw)
+
+    def _prompt_tokens(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None, raw: bool = False) -> dict[str, list[int]]:
         if (prompt is None) == (messages is None):
             raise EFTError("give either a prompt or messages")
         if raw and prompt is None:
@@ -320,6 +373,8 @@ class EFT:
         if messages is None:
             messages = [{"role": "user", "content": prompt}]
         check_messages(messages)
+        for i, m in enumerate(messages, 1):
+            check_text(m["content"], "the prompt" if prompt is not None else f"message {i}")
         tuned = self.models["tuned"]
         if raw:
             shared = raw_tokens(tuned, prompt)
@@ -368,23 +423,31 @@ class EFT:
         (conservative decoding), in plain and speculative decoding alike.
         """
         mix = self._mix(weights, Plausibility(plausible_top_p, plausible_min_p, plausible_model))
-        banned = self.end_tokens() if ignore_eos else ()
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise EFTError(f"max_tokens must be an integer of at least 1, got {max_tokens!r}")
+        speculative = check_speculative(speculative)
+        stop = check_stop(stop)
+        rng = np.random.default_rng(check_seed(seed))
+        # Prompts are rendered and checked now, so a bad request fails at the call.
+        by_role, banned = self._checked_prompts(prompt, messages, raw, ignore_eos)
         try:
             sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, banned=banned)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise EFTError(str(e)) from None
-        if max_tokens < 1:
-            raise EFTError(f"max_tokens must be at least 1, got {max_tokens}")
-        speculative = check_speculative(speculative)
-        by_role = self.prompt_tokens(prompt, messages=messages, raw=raw)
+        return self._loop(by_role, sampler, rng, max_tokens, stop, speculative, mix)
+
+    @holding
+    def _checked_prompts(self, prompt: str | None, messages: Sequence[Message] | None, raw: bool,
+                         ignore_eos: bool) -> tuple[dict[str, list[int]], tuple[int, ...]]:
+        """Each role's prompt tokens, checked against the context, and the ids to ban."""
+        by_role = self._prompt_tokens(prompt, messages=messages, raw=raw)
         for toks in by_role.values():
             self._check_tokens(toks)
-        prompts = {self.models[role]: toks for role, toks in by_role.items()}
-        return self._loop(prompts, sampler, np.random.default_rng(seed), max_tokens, stop, speculative, mix)
+        return by_role, self.end_tokens() if ignore_eos else ()
 
     def _loop(
         self,
-        prompts: dict[Backend, list[int]],
+        by_role: dict[str, list[int]],
         sampler: Sampler,
         rng: np.random.Generator,
         max_tokens: int,
@@ -392,35 +455,51 @@ class EFT:
         speculative: int | str | None,
         mix: Mix,
     ) -> Iterator[Chunk]:
-        """The EFT loop: prefill every model, then take tokens until a stop."""
+        """The EFT loop: prefill every model, then take tokens until a stop.
+
+        The models are held for the whole generation (another thread's call waits) and let go
+        before the last chunk, so a caller that stops reading there keeps nothing locked.
+        """
         tuned = self.models["tuned"]
         text = TextStream(stop)
         tokens: list[int] = []
-        t0 = time.perf_counter()
-        evaluated = tuned.n_evaluated
-        self._run(lambda b: b.sync(prompts[b]))
-        prompt_eval = tuned.n_evaluated - evaluated
-        t1 = time.perf_counter()
-        if speculative:
-            timing = SpecStats()
-            k = None if speculative == "auto" else int(speculative)
-            source = speculative_tokens(self, sampler, rng, k, mix, timing)
-        else:
-            timing = StepTiming()
-            source = self._plain_tokens(sampler, rng, mix, timing)
-        finish = "length"
-        for token in source:
-            if tuned.is_eog(token):
-                finish = "stop"
-                break
-            tokens.append(token)
-            piece = text.feed(tuned.piece(token))
-            yield Chunk(piece, token)
-            if text.stopped:
-                finish = "stop"
-                break
-            if len(tokens) >= max_tokens:
-                break
+        guard = self._guard
+        with guard.take():
+            guard.enter()
+            source = None
+            try:
+                prompts = {self.models[role]: toks for role, toks in by_role.items()}
+                t0 = time.perf_counter()
+                evaluated = tuned.n_evaluated
+                self._run(lambda b: b.sync(prompts[b]))
+                prompt_eval = tuned.n_evaluated - evaluated
+                t1 = time.perf_counter()
+                if speculative:
+                    timing = SpecStats()
+                    k = None if speculative == "auto" else int(speculative)
+                    source = speculative_tokens(self, sampler, rng, k, mix, timing)
+                else:
+                    timing = StepTiming()
+                    source = self._plain_tokens(sampler, rng, mix, timing)
+                finish = "length"
+                for token in source:
+                    if guard.closed:
+                        raise EFTError("this EFT is closed")
+                    if tuned.is_eog(token):
+                        finish = "stop"
+                        break
+                    tokens.append(token)
+                    piece = text.feed(tuned.piece(token))
+                    yield Chunk(piece, token)
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if len(tokens) >= max_tokens:
+                        break
+            finally:
+                if source is not None:
+                    source.close()
+                guard.leave()
         tail = text.flush()
         t2 = time.perf_counter()
         stats = {
@@ -458,19 +537,62 @@ class EFT:
         raw: bool = False,
         reply: str | None = None,
         weights: Sequence[float] | None = None,
+        plausible_top_p: float = 1.0,
+        plausible_min_p: float = 0.0,
+        plausible_model: str = "tuned",
         **options: Any,
     ) -> list[TokenExplanation]:
         """Every token of a reply with each model's log-probability and each delta's term.
 
-        Scores ``reply`` when given; otherwise generates one (``options`` as for ``stream``).
+        Scores ``reply`` when given (tokenized as the continuation of the rendered prompt, as
+        a generated reply would be); otherwise generates one (``options`` as for ``stream``).
+        The combined column is the distribution generation samples from, plausibility filter
+        included.
         """
-        mix = self._mix(weights)
-        prompts = self.prompt_tokens(prompt, messages=messages, raw=raw)
+        mix = self._mix(weights, Plausibility(plausible_top_p, plausible_min_p, plausible_model))
         if reply is None:
-            tokens = self.generate(prompt, messages=messages, raw=raw, weights=mix.weights, **options).tokens
+            plausibility = dict(plausible_top_p=plausible_top_p, plausible_min_p=plausible_min_p,
+                                plausible_model=plausible_model)
+            tokens = self.generate(prompt, messages=messages, raw=raw, weights=mix.weights, **plausibility,
+                                   **options).tokens
         else:
-            tokens = self.models["tuned"].tokenize(reply, add_bos=False, special=False)
-        return explain_tokens(self, prompts, tokens, mix.weights)
+            check_text(reply, "the reply")
+        return self._explain(prompt, messages, raw, reply, tokens if reply is None else None, mix)
+
+    @holding
+    def _explain(self, prompt: str | None, messages: Sequence[Message] | None, raw: bool, reply: str | None,
+                 tokens: list[int] | None, mix: Mix) -> list[TokenExplanation]:
+        prompts = self._prompt_tokens(prompt, messages=messages, raw=raw)
+        if tokens is None:
+            tokens = self._reply_tokens(prompts["tuned"], prompt, messages, raw, reply)
+        return explain_tokens(self, prompts, tokens, mix)
+
+    def _reply_tokens(self, prompt_tokens: list[int], prompt: str | None, messages: Sequence[Message] | None,
+                      raw: bool, reply: str) -> list[int]:
+        """``reply`` tokenized as the continuation of the tuned model's prompt text.
+
+        Tokenized alone, a SentencePiece tokenizer would give it a leading space (" Their"),
+        which is not the token a model generating the reply produces ("Their").
+        """
+        tuned = self.models["tuned"]
+        text, add_bos = self._prompt_text(prompt, messages, raw)
+        full = tuned.tokenize(text + reply, add_bos=add_bos, special=True)
+        n = len(prompt_tokens)
+        if full[:n] == prompt_tokens and len(full) > n:
+            return full[n:]
+        # The reply's first characters merged with the prompt's last token: score it alone.
+        return tuned.tokenize(reply, add_bos=False, special=False)
+
+    def _prompt_text(self, prompt: str | None, messages: Sequence[Message] | None, raw: bool) -> tuple[str, bool]:
+        """The tuned model's prompt as text, and whether its tokenization adds BOS."""
+        if raw:
+            return prompt, True
+        if messages is None:
+            messages = [{"role": "user", "content": prompt}]
+        if self.chat_template is None:
+            return plain_transcript(messages), True
+        tuned = self.models["tuned"]
+        return chat_text(tuned, self.chat_template, messages), False
 
     def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         """Generate a whole reply; takes the same arguments as ``stream``."""
@@ -501,14 +623,53 @@ def per_role(value: int | Mapping[str, int] | None, name: str, default: int, rol
 
 
 def check_weight(value: Any) -> float:
-    """A delta's weight: any finite number (0 turns the delta off, > 1 amplifies it)."""
+    """A delta's weight: a number from -MAX_WEIGHT to MAX_WEIGHT (0 turns the delta off, > 1 amplifies it)."""
     try:
         w = float(value)
     except (TypeError, ValueError):
         w = float("nan")
-    if not np.isfinite(w):
-        raise EFTError(f"weight must be a finite number, got {value!r}")
+    if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
+        raise EFTError(f"weight must be a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, got {value!r}")
     return w
+
+
+def max_threads() -> int:
+    """The most threads a model may use: 4 per core (more only adds contention), at most llama.cpp's 512."""
+    return min(512, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads: Mapping[str, int]) -> None:
+    """Threads per role must be from 1 to ``max_threads()`` (llama.cpp crashes far beyond)."""
+    top = max_threads()
+    for role, n in threads.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top:
+            raise EFTError(f"threads must be from 1 to {top} on this machine, got {n!r} for {role}")
+
+
+def check_seed(seed: Any) -> int | None:
+    """None or -1 (a random seed, as in llama.cpp), or a non-negative integer."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise EFTError(f"seed must be a non-negative integer (or -1 for a random one), got {seed!r}")
+    return seed
+
+
+def check_stop(stop: Any) -> list[str]:
+    """Stop strings: one string or a list of strings (None or empty: none)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    try:
+        stops = list(stop)
+    except TypeError:
+        stops = None
+    if stops is None or not all(isinstance(s, str) for s in stops):
+        raise EFTError(f"stop must be a string or a list of strings, got {stop!r}")
+    for s in stops:
+        check_text(s, "a stop string")
+    return stops
 
 
 def check_speculative(value: int | str | None) -> int | str | None:

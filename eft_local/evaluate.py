@@ -13,7 +13,9 @@ import io
 import json
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -50,7 +52,11 @@ class ItemResult:
 
 @dataclass
 class ConfigResult:
-    """Scores of one configuration over a data set (rates in percent)."""
+    """Scores of one configuration over a data set (rates in percent).
+
+    A partial result (a run stopped while this configuration ran) covers the first ``n`` of
+    ``n_total`` items, and its label ends in ``(partial: n/n_total)``.
+    """
 
     label: str
     n: int
@@ -60,11 +66,39 @@ class ConfigResult:
     tokens_per_second: float
     acceptance_rate: float | None = None  # percent of drafted tokens accepted, when speculative
     match_rate: float | None = None  # percent of replies matching --match
+    n_total: int | None = None  # items the configuration was to reply to
+    partial: bool = False
     items: list[ItemResult] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the per-item replies."""
         return {k: v for k, v in asdict(self).items() if k != "items"}
+
+    @classmethod
+    def from_items(cls, label: str, items: Sequence[ItemResult], n_total: int | None = None,
+                   pattern: re.Pattern | None = None) -> "ConfigResult":
+        """Scores of scored replies; fewer than ``n_total`` of them make a partial result."""
+        n = len(items)
+        if n == 0:
+            raise EFTError(f"{label}: no replies to score")
+        n_total = n if n_total is None else n_total
+        partial = n < n_total
+        tokens = sum(r.tokens for r in items)
+        seconds = sum(r.seconds for r in items)
+        drafted = sum(r.drafted for r in items)
+        return cls(
+            label=f"{label} (partial: {n}/{n_total})" if partial else label,
+            n=n,
+            format_following=round(100 * sum(r.followed_format for r in items) / n, 1),
+            accuracy=round(100 * sum(r.correct for r in items) / n, 1),
+            mean_tokens=round(tokens / n, 1),
+            tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+            acceptance_rate=round(100 * sum(r.accepted for r in items) / drafted, 1) if drafted else None,
+            match_rate=round(100 * sum(bool(pattern.search(r.reply)) for r in items) / n, 1) if pattern else None,
+            n_total=n_total,
+            partial=partial,
+            items=list(items),
+        )
 
 
 def load_items(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -85,6 +119,10 @@ def load_items(path: str | os.PathLike) -> list[dict[str, str]]:
             raise EFTError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not isinstance(item.get("answer"), str):
             raise EFTError(f"{path}:{n}: each line needs string fields \"prompt\" and \"answer\"")
+        # An empty answer is "in" every reply and would count as correct.
+        for name in ("prompt", "answer"):
+            if not item[name].strip():
+                raise EFTError(f"{path}:{n}: empty \"{name}\"")
         items.append({"prompt": item["prompt"], "answer": item["answer"]})
     if not items:
         raise EFTError(f"{path} has no items")
@@ -193,21 +231,91 @@ def evaluate(
             results.append(result)
             if on_item:
                 on_item(result)
-    n = len(results)
-    tokens = sum(r.tokens for r in results)
-    seconds = sum(r.seconds for r in results)
-    drafted = sum(r.drafted for r in results)
-    return ConfigResult(
-        label=config.label,
-        n=n,
-        format_following=round(100 * sum(r.followed_format for r in results) / n, 1),
-        accuracy=round(100 * sum(r.correct for r in results) / n, 1),
-        mean_tokens=round(tokens / n, 1),
-        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
-        acceptance_rate=round(100 * sum(r.accepted for r in results) / drafted, 1) if drafted else None,
-        match_rate=round(100 * sum(bool(pattern.search(r.reply)) for r in results) / n, 1) if pattern else None,
-        items=results,
-    )
+    return ConfigResult.from_items(config.label, results, len(items), pattern)
+
+
+class Run:
+    """The results of a run of several configurations so far, saved as each one finishes.
+
+    Call ``start`` before a configuration, ``add`` for each reply it scores (evaluate's
+    ``on_item``) and ``finish`` with its result, which rewrites ``output`` with every finished
+    configuration. After a failure or Ctrl-C, ``finished`` and ``keep`` still have the replies of
+    the configuration that was running, as a partial result.
+    """
+
+    def __init__(self, n_items: int, output: str | os.PathLike | None = None, match: str | None = None):
+        self.n_items = n_items
+        self.output = output
+        self.pattern = compile_match(match)
+        self.results: list[ConfigResult] = []
+        self._label: str | None = None
+        self._items: list[ItemResult] = []
+        self._output_failed = False
+
+    def start(self, label: str) -> None:
+        """A configuration begins."""
+        self._label, self._items = label, []
+
+    def add(self, item: ItemResult) -> None:
+        """One reply of the running configuration is scored."""
+        self._items.append(item)
+
+    def finish(self, result: ConfigResult) -> None:
+        """The running configuration is done: keep its result and rewrite the output file."""
+        self.results.append(result)
+        self._label, self._items = None, []
+        if self.output:
+            self._save(self.results)
+
+    def finished(self) -> list[ConfigResult]:
+        """Finished configurations, then the replies of the running one as a partial result."""
+        if self._label is None or not self._items:
+            return list(self.results)
+        return [*self.results, ConfigResult.from_items(self._label, self._items, self.n_items, self.pattern)]
+
+    def describe(self) -> str:
+        """What finished, in words: "1 finished configuration and 2/5 items of eft"."""
+        n = len(self.results)
+        parts = [f"{n} finished configuration{'s' if n != 1 else ''}"] if n else []
+        if self._label is not None and self._items:
+            parts.append(f"{len(self._items)}/{self.n_items} items of {self._label}")
+        return " and ".join(parts) or "nothing finished"
+
+    def keep(self, plot_path: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+        """Write what finished to the output file and the plot, after a failure or Ctrl-C.
+
+        Nothing is written when nothing finished. Returns the paths written and the problems
+        that stopped a write (one line each), so that the first error still gets reported.
+        """
+        done = self.finished()
+        written: list[str] = []
+        problems: list[str] = []
+        if not done:
+            return written, problems
+        # A write that already failed is the error being reported; trying again adds nothing.
+        if self.output and not self._output_failed:
+            try:
+                self._save(done)
+                written.append(str(self.output))
+            except EFTError as e:
+                problems.append(str(e))
+        if plot_path:
+            try:
+                plot(done, plot_path)
+                written.append(str(plot_path))
+            except Exception as e:  # noqa: BLE001 - reported next to the error that stopped the run
+                problems.append(str(e) if isinstance(e, EFTError) else f"cannot plot: {type(e).__name__}: {e}")
+        return written, problems
+
+    def _save(self, results: Sequence[ConfigResult]) -> None:
+        try:
+            write_results(results, self.output)
+        except EFTError:
+            # Only a failed write counts: one cut short by Ctrl-C left the old file in place,
+            # and keep() writes it again.
+            self._output_failed = True
+            raise
+        self._output_failed = False
 
 
 def table(results: Sequence[ConfigResult]) -> str:
@@ -226,18 +334,50 @@ def table(results: Sequence[ConfigResult]) -> str:
 
 
 def check_output(path: str | os.PathLike, suffixes: Sequence[str]) -> None:
-    """Fail before a long run, not after it, when its results could not be written."""
+    """Fail before a long run, not after it, when its results could not be written.
+
+    Opens an existing file for writing without truncating it and creates (then removes) a
+    temporary file next to it, the way results are written; the file itself is left as it is.
+    """
     path = Path(path)
+    _check_suffix(path, suffixes)
+    if path.is_dir():
+        raise EFTError(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        if path.parent.exists():
+            raise EFTError(f"cannot write {path}: {path.parent} is not a directory")
+        raise EFTError(f"cannot write {path}: no such directory {path.parent}")
+    try:
+        if path.exists():
+            if not path.is_file():
+                raise EFTError(f"cannot write {path}: not a regular file")
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise EFTError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_plot(path: str | os.PathLike) -> None:
+    """check_output for --plot, and that matplotlib is there to draw it."""
+    check_output(path, (".png",))
+    if find_spec("matplotlib") is None:
+        raise EFTError("--plot needs matplotlib: pip install 'eft-local[plot]'")
+
+
+def _check_suffix(path: Path, suffixes: Sequence[str]) -> None:
     if path.suffix not in suffixes:
         raise EFTError(f"{path.name}: the file name must end in {' or '.join(suffixes)}")
-    if not path.parent.is_dir():
-        raise EFTError(f"cannot write {path}: no such directory {path.parent}")
 
 
 def write_results(results: Sequence[ConfigResult], path: str | os.PathLike) -> None:
-    """JSON (summaries and every reply) or CSV (summaries), chosen by the file's extension."""
+    """JSON (summaries and every reply) or CSV (summaries), chosen by the file's extension.
+
+    The file is replaced in one step: it holds either the old contents or all of the new.
+    """
     path = Path(path)
-    check_output(path, (".json", ".csv"))
+    _check_suffix(path, (".json", ".csv"))
     if path.suffix == ".json":
         text = json.dumps([asdict(r) for r in results], indent=2, ensure_ascii=False)
     elif path.suffix == ".csv":
@@ -282,11 +422,29 @@ def plot(results: Sequence[ConfigResult], path: str | os.PathLike) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    # A failed write must not leave a half-written results file where an old one stood.
-    tmp = path.with_name(path.name + ".tmp")
+    # A failed or interrupted write must not leave a half-written results file where an old one
+    # stood. The temporary name is unique, so no file of the user's is overwritten by it.
+    tmp = None
     try:
-        tmp.write_bytes(data)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp creates files readable by their owner only; results get the usual mode.
+        os.chmod(tmp, _mode(path))
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise EFTError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _mode(path: Path) -> int:
+    """The permission bits of the file at ``path``, or of a new file (umask applied)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

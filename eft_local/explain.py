@@ -2,7 +2,9 @@
 
 For every token of a reply: its log-probability under each model, each delta's term
 ``w_i * (log p_tuned_i - log p_reference_i)``, the combined log-probability, and the base model's
-own top choice. By construction ``base + sum(deltas) - log_normalizer == combined``.
+own top choice. By construction ``base + sum(deltas) - log_normalizer == combined`` for every
+token the combination (and the plausibility filter, when on) keeps; the others have combined
+log-probability -inf.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .combine import log_softmax
+from .combine import add_delta, eft_scores, log_softmax
 from .errors import EFTError
 
 if TYPE_CHECKING:
     from .backend import Backend
-    from .engine import EFT
+    from .engine import EFT, Mix
 
 
 @dataclass
@@ -39,7 +41,18 @@ class TokenExplanation:
         return self.base_top != self.token
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "base_would_differ": self.base_would_differ}
+        """JSON-ready: numbers that are not finite (a token some model rules out) become None."""
+        return _finite({**asdict(self), "base_would_differ": self.base_would_differ})
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _rows(model: "Backend", prompt: list[int], reply: list[int]) -> list[np.ndarray]:
@@ -56,8 +69,12 @@ def _rows(model: "Backend", prompt: list[int], reply: list[int]) -> list[np.ndar
 
 
 def explain_tokens(eft: "EFT", prompts: dict[str, list[int]], reply: Sequence[int],
-                   weights: Sequence[float]) -> list[TokenExplanation]:
-    """Explain ``reply`` (token ids) after the per-role ``prompts``."""
+                   mix: "Mix") -> list[TokenExplanation]:
+    """Explain ``reply`` (token ids) after the per-role ``prompts``.
+
+    The combined column is the engine's own ``combine_rows`` (plausibility filter and ruled-out
+    tokens included), so it is the distribution generation samples from.
+    """
     reply = [int(t) for t in reply]
     if not reply:
         raise EFTError("nothing to explain: the reply is empty")
@@ -74,20 +91,23 @@ def explain_tokens(eft: "EFT", prompts: dict[str, list[int]], reply: Sequence[in
     tuned = eft.models["tuned"]
     out = []
     for i, token in enumerate(reply):
-        lp = {role: rows[m][i] for role, m in eft.models.items()}
-        terms = [w * (lp[t][:n] - lp[r][:n]) for (t, r), w in zip(eft.deltas, weights)]
-        total = lp["base"][:n] + sum(terms) if terms else lp["base"][:n]
-        combined = log_softmax(total)
+        at = {m: r[i] for m, r in rows.items()}
+        lp = {role: at[m] for role, m in eft.models.items()}
+        terms = [add_delta(np.zeros(n), lp[t], lp[r], w) for (t, r), w in zip(eft.deltas, mix.weights)]
+        scores = eft_scores(lp["base"], [(lp[t], lp[r], w) for (t, r), w in zip(eft.deltas, mix.weights)], n)
+        combined = eft.combine_rows(at, mix)
         base_top = int(np.argmax(lp["base"][:n]))
+        c = float(combined[token])
         out.append(
             TokenExplanation(
                 token=token,
                 text=tuned.piece(token).decode("utf-8", errors="replace"),
                 logprobs={role: float(v[token]) for role, v in lp.items()},
                 delta_terms=[float(term[token]) for term in terms],
-                log_normalizer=float(total[token] - combined[token]),
-                combined_logprob=float(combined[token]),
-                combined_prob=float(np.exp(combined[token])),
+                # Where the token is ruled out there is no normaliser to speak of.
+                log_normalizer=float(scores[token] - c) if np.isfinite(c) and np.isfinite(scores[token]) else float("nan"),
+                combined_logprob=c,
+                combined_prob=float(np.exp(c)),
                 base_top=base_top,
                 base_top_text=tuned.piece(base_top).decode("utf-8", errors="replace"),
             )

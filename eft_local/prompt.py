@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
 from .backend import Backend
 from .errors import EFTError
+from .template import ChatTemplate
 
 Message = Mapping[str, str]
 ROLES = ("system", "user", "assistant")
@@ -27,15 +26,6 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise EFTError(f"each message needs a role in {ROLES} and a string content, got {m!r}")
 
 
-def render_chat(template: str, messages: Sequence[Message], *, bos: str, eos: str) -> str:
-    """Render ``messages`` with a GGUF chat template, ready for the assistant's reply."""
-    formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-    try:
-        return formatter(messages=[dict(m) for m in messages]).prompt
-    except Exception as e:  # template errors come from user-supplied GGUF files
-        raise EFTError(f"chat template failed to render: {e}") from None
-
-
 def plain_transcript(messages: Sequence[Message]) -> str:
     """A chat as plain text that a pre-trained model can continue as the assistant."""
     names = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -43,7 +33,7 @@ def plain_transcript(messages: Sequence[Message]) -> str:
     return "\n\n".join(lines) + "\n\nAssistant:"
 
 
-def chat_tokens(model: Backend, template: str | None, messages: Sequence[Message]) -> list[int]:
+def chat_tokens(model: Backend, template: ChatTemplate | None, messages: Sequence[Message]) -> list[int]:
     """Tokens for a chat turn, as llama-cpp-python's create_chat_completion builds them.
 
     The template writes BOS itself, so none is added; special tokens in it are parsed. A
@@ -51,11 +41,15 @@ def chat_tokens(model: Backend, template: str | None, messages: Sequence[Message
     """
     if template is None:
         return raw_tokens(model, plain_transcript(messages))
+    return model.tokenize(chat_text(model, template, messages), add_bos=False, special=True)
+
+
+def chat_text(model: Backend, template: ChatTemplate, messages: Sequence[Message]) -> str:
+    """The text a chat turn renders to with ``template`` and ``model``'s BOS/EOS texts."""
     def text_of(token: int) -> str:
         return model.token_text(token) if token >= 0 else ""
 
-    text = render_chat(template, messages, bos=text_of(model.bos_id), eos=text_of(model.eos_id))
-    return model.tokenize(text, add_bos=False, special=True)
+    return template.render(messages, bos=text_of(model.bos_id), eos=text_of(model.eos_id))
 
 
 def raw_tokens(model: Backend, text: str) -> list[int]:

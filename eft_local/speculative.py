@@ -5,7 +5,10 @@ base and reference evaluate the pending token and the k drafts in one batch each
 the EFT target p at every drafted position. Draft x_i is accepted with probability
 min(1, p_i(x_i) / q_i(x_i)); the first rejection samples from normalise(max(p_i - q_i, 0)); when
 all k are accepted a bonus token comes from p_{k+1}. The output distribution is exactly that of
-plain EFT sampling (Leviathan et al. 2023, Chen et al. 2023); greedy output is token-identical.
+plain EFT sampling in exact arithmetic (Leviathan et al. 2023, Chen et al. 2023). In floating point
+the verifiers' batched logits differ slightly from one-token decodes: on F32 models greedy output
+has matched plain decoding token for token, on quantized ones it can part ways (README, "What
+exactness holds"; bench/exactness.py).
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         def target(i: int, tuned_row: np.ndarray) -> np.ndarray:
             rows = {drafter: tuned_row}
             rows.update({b: log_softmax(b.logits(i)) for b in verifiers})
-            return sampler.distribution(eft._combine_rows(rows, mix))
+            return sampler.distribution(eft.combine_rows(rows, mix))
 
         accepted = 0
         new_token = None

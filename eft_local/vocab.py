@@ -18,6 +18,10 @@ from .gguf_meta import read_metadata
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_UNUSED = 5
 
+# llama.cpp's add-BOS default per tokenizer model where a file has no add_bos_token key and
+# llama.cpp itself cannot be asked (SentencePiece and WordPiece add BOS; the rest do not).
+_DEFAULT_ADD_BOS = {"llama": True, "bert": True}
+
 # Names converters give to rows that pad an embedding matrix past the real tokenizer
 # (Qwen's "[PAD151665]", Gemma's "<unused12>", "<|reserved_special_token_3|>", "<pad>").
 _PAD_TEXT = re.compile(r"^(\[PAD\d+\]|<unused\d+>|<\|reserved_special_token_\d+\|>|<\|?pad\|?>|<\|?PAD\|?>)$")
@@ -68,20 +72,45 @@ def read_vocab(path: str | os.PathLike) -> VocabInfo:
         value = meta.get(key)
         return None if value is None else int(value)
 
+    tokenizer_model = str(meta.get("tokenizer.ggml.model", "unknown"))
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:
+        add_bos = default_add_bos(path, tokenizer_model)
     return VocabInfo(
         path=path,
         architecture=arch,
-        tokenizer_model=str(meta.get("tokenizer.ggml.model", "unknown")),
+        tokenizer_model=tokenizer_model,
         pre=meta.get("tokenizer.ggml.pre"),
         tokens=list(tokens),
         token_types=None if types is None else np.asarray(types),
         bos_id=opt_int("tokenizer.ggml.bos_token_id"),
         eos_id=opt_int("tokenizer.ggml.eos_token_id"),
-        add_bos=None if add_bos is None else bool(add_bos),
+        add_bos=bool(add_bos),
         chat_template=meta.get("tokenizer.chat_template"),
         context_length=opt_int(f"{arch}.context_length"),
     )
+
+
+def default_add_bos(path: str, tokenizer_model: str) -> bool:
+    """Whether llama.cpp puts BOS in front of a prompt for a file without an add_bos_token key.
+
+    The default depends on the tokenizer and, for BPE, on the pre-tokenizer, so llama.cpp is
+    asked with a vocabulary-only load (no weights). Where it refuses the file, its
+    per-tokenizer default stands in.
+    """
+    # The backend module installs the log callback that keeps llama.cpp quiet.
+    from .backend import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    if not model:
+        return _DEFAULT_ADD_BOS.get(tokenizer_model, False)
+    try:
+        return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(model)))
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 @dataclass(frozen=True)

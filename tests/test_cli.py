@@ -240,12 +240,12 @@ def test_bad_model_file(tiny, bad_files, command, kind):
 
 
 def test_truncated_weights(tiny, tmp_path):
-    """Intact metadata but cut-off tensor data fails when llama.cpp loads the file."""
+    """Intact metadata but cut-off tensor data fails the header check, before llama.cpp loads it."""
     cut = tmp_path / "cut.gguf"
     data = Path(tiny["tuned"]).read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     line = assert_error_line(invoke(["generate", PROMPT, *models(tiny, tuned=cut)]))
-    assert "cannot load" in line and str(cut) in line
+    assert f"{cut}: truncated: has {len(data) // 2} bytes, header describes" in line
 
 
 def test_generate_incompatible_vocabularies(tiny):
@@ -446,15 +446,17 @@ def test_chat_loop_unknown_command_and_blank_line():
     assert "/exit" in out.split("unknown command", 1)[1]
 
 
-@pytest.mark.parametrize("end", [EOFError, KeyboardInterrupt])
-def test_chat_loop_eof_and_ctrl_c_at_prompt(end):
-    """Ctrl-D or Ctrl-C at the prompt ends the loop and returns the conversation so far."""
-    eft = FakeEFT(["ok"], ["never"])
-    read = script("hi", end, "not read")
+def test_chat_loop_eof_ends_and_ctrl_c_at_prompt_does_not():
+    """Ctrl-D at the prompt ends the loop with the conversation so far; Ctrl-C there only says
+    how to leave, and the session goes on."""
+    eft = FakeEFT(["ok"], ["again"])
+    read = script("hi", KeyboardInterrupt, "more", EOFError, "not read")
     conv, out = run_loop(eft, read)
-    assert conv == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    assert len(eft.calls) == 1
-    assert len(read.prompts) == 2
+    assert conv == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": "more"}, {"role": "assistant", "content": "again"}]
+    assert len(eft.calls) == 2
+    assert len(read.prompts) == 4
+    assert "(to leave, type /exit or press Ctrl-D)" in out
     assert out.endswith("\n")
 
 

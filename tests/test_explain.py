@@ -49,9 +49,16 @@ def test_terms_add_up_and_match_the_engine(eft, tiny):
 
 
 def test_scoring_a_given_reply(eft):
+    """A given reply is tokenized as the continuation of the rendered prompt, as generated
+    tokens are: no leading space (which tokenizing it alone would add)."""
     rows = eft.explain("Hello world", reply="the cat is here")
-    assert [r.token for r in rows] == eft.models["tuned"].tokenize("the cat is here", add_bos=False, special=False)
-    assert "".join(r.text for r in rows).strip() == "the cat is here"
+    prompt = eft.prompt_tokens("Hello world")["tuned"]
+    rendered = "<s><|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
+    full = eft.models["tuned"].tokenize(rendered + "the cat is here", add_bos=False, special=True)
+    assert full[: len(prompt)] == prompt
+    assert [r.token for r in rows] == full[len(prompt):]
+    assert [r.token for r in rows] != eft.models["tuned"].tokenize("the cat is here", add_bos=False, special=False)
+    assert "".join(r.text for r in rows) == "the cat is here"
     assert all(r.combined_logprob <= 0 for r in rows)
     with pytest.raises(EFTError, match="empty"):
         eft.explain("Hello world", reply="")
