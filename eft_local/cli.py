@@ -448,7 +448,10 @@ def explain(prompt: str | None, reply: str | None, raw: bool, as_json: bool, **k
     prompt = read_prompt(prompt)
     engine_kw, sample_kw = split_options(kwargs)
     with load(**engine_kw) as eft:
-        rows = eft.explain(prompt, raw=raw, reply=reply, **({} if reply is not None else sample_kw))
+        if reply is not None:
+            # Scoring a given reply: only the plausibility filter shapes the distribution shown.
+            sample_kw = {k: v for k, v in sample_kw.items() if k.startswith("plausible_")}
+        rows = eft.explain(prompt, raw=raw, reply=clean_arg(reply), **sample_kw)
         roles = list(eft.models)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], ensure_ascii=False))

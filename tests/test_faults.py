@@ -395,6 +395,59 @@ def test_explain_columns_are_the_sampled_distribution_with_plausibility():
     json.dumps([r.to_dict() for r in rows], allow_nan=False)  # valid JSON, no Infinity/NaN
 
 
+def test_explain_cli_reply_applies_the_plausibility_filter():
+    """--reply with --plausible-top-p: the p(EFT) column is the filtered distribution."""
+    args = ["explain", QUESTION, "--reply", "Their favourite birthplace", "--json", "--threads", "1"]
+    plain = json.loads(run_cli(args).stdout)
+    filtered = json.loads(run_cli([*args, "--plausible-top-p", "0.3", "--plausible-model", "base"]).stdout)
+    assert [r["token"] for r in plain] == [r["token"] for r in filtered]
+    assert all(r["combined_prob"] > 0 for r in plain)
+    assert any(r["combined_prob"] == 0 and r["combined_logprob"] is None for r in filtered)
+
+
+def test_explain_ruled_out_tokens_match_generation(monkeypatch):
+    """A token the reference rules out (-inf): explain shows it ruled out (term and combined
+    -inf, probability 0), as the combination generation samples from does, never inf or NaN."""
+    import eft_local.explain as explain_module
+
+    real_rows = explain_module._rows
+
+    def rows_with_a_hole(model, prompt, reply):
+        rows = real_rows(model, prompt, reply)
+        if model is eft.models["reference"]:
+            rows[0] = rows[0].copy()
+            rows[0][reply[0]] = -np.inf
+        return rows
+
+    with demo_eft() as eft:
+        monkeypatch.setattr(explain_module, "_rows", rows_with_a_hole)
+        row = eft.explain(QUESTION, reply=ANSWER)[0]
+        monkeypatch.undo()
+        assert row.logprobs["reference"] == -np.inf
+        assert row.delta_terms == [-np.inf]
+        assert row.combined_prob == 0.0 and row.combined_logprob == -np.inf
+        d = row.to_dict()
+        assert d["combined_logprob"] is None and d["delta_terms"] == [None] and d["combined_prob"] == 0.0
+        json.dumps(d, allow_nan=False)
+
+
+# --- 3. files -------------------------------------------------------------------------------
+
+
+def test_check_refuses_fifo_and_truncated_files(tmp_path):
+    """`check` (and so every command) refuses a FIFO without hanging and a cut file with its sizes."""
+    fifo = tmp_path / "base.gguf"
+    os.mkfifo(fifo)
+    data = (DEMO / "base.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    for path, message in ((fifo, f"error: not a regular file: {fifo}\n"),
+                          (cut, f"error: {cut}: truncated: has {len(data) // 2} bytes, header describes {len(data)}\n")):
+        result = run_cli(["check", "-b", str(path), "-t", str(DEMO / "tuned.gguf"), "-r", str(DEMO / "reference.gguf")])
+        assert result.returncode == 1
+        assert result.stderr.decode() == message
+
+
 # --- 8. the context error says when the cap is the trained length ---------------------------
 
 
