@@ -17,6 +17,7 @@ import click
 from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion, delta_roles
 from .errors import EFTError
 from . import evaluate as ev
+from .template import render_sample
 from .text import replace_undecodable
 from .vocab import check_vocabularies, read_vocab
 
@@ -495,8 +496,6 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 
     Reads headers only: no weights are loaded.
     """
-    from .template import render_sample
-
     base_path, pairs = model_set(recipe, base, tuned, reference, deltas)
     infos = {"base": read_vocab(base_path)}
     for i, (t, r, _) in enumerate(pairs, 1):

@@ -526,7 +526,9 @@ class EFT:
             if any(len(b.tokens) >= b.n_ctx for b in self.backends):
                 return
             t2 = time.perf_counter()
-            self._run(lambda b: b.eval([token]))
+            # One deferral for all models' one-token decodes (each would otherwise swap handlers).
+            with sigint_deferred():
+                self._run(lambda b: b.eval([token]))
             timing.forward_seconds += time.perf_counter() - t2
 
     def explain(
