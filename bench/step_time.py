@@ -28,7 +28,7 @@ def time_steps(paths: list[str], concurrent: bool, tokens: int, repeats: int) ->
         times = []
         for i in range(repeats):
             out = eft.generate(f"Write a story about a dog, part {i}.", temperature=0, max_tokens=tokens)
-            times.append(out.stats["generate_seconds"] / max(out.stats["generated_tokens"], 1))
+            times.append(out.stats["generate_seconds"] / max(out.stats["completion_tokens"], 1))
         return 1000 * sorted(times)[len(times) // 2]
 
 

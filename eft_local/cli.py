@@ -17,6 +17,7 @@ import click
 from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion, delta_roles
 from .errors import EFTError
 from . import evaluate as ev
+from .params import DEFAULTS
 from .template import render_sample
 from .text import replace_undecodable
 from .vocab import check_vocabularies, read_vocab
@@ -128,20 +129,20 @@ def sampling_options(f: Callable) -> Callable:
     """Sampling of the combined distribution, shared by generate and chat."""
     for decorator in reversed(
         [
-            click.option("--temperature", "--temp", type=float, default=0.8, show_default=True, help="0 means greedy."),
-            click.option("--top-k", type=int, default=40, show_default=True, help="0 disables."),
-            click.option("--top-p", type=float, default=0.95, show_default=True, help="1 disables."),
-            click.option("--min-p", type=float, default=0.05, show_default=True, help="0 disables."),
-            click.option("--seed", "-s", type=int, default=None, help="Random seed (same seed, same output)."),
-            click.option("--max-tokens", "-n", type=int, default=512, show_default=True, help="Most tokens to generate."),
+            click.option("--temperature", "--temp", type=float, default=DEFAULTS.temperature, show_default=True, help="0 means greedy."),
+            click.option("--top-k", type=int, default=DEFAULTS.top_k, show_default=True, help="0 disables."),
+            click.option("--top-p", type=float, default=DEFAULTS.top_p, show_default=True, help="1 disables."),
+            click.option("--min-p", type=float, default=DEFAULTS.min_p, show_default=True, help="0 disables."),
+            click.option("--seed", "-s", type=int, default=None, help="Random seed (same seed, same output; -1: random)."),
+            click.option("--max-tokens", "-n", type=int, default=DEFAULTS.max_tokens, show_default=True, help="Most tokens to generate."),
             click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
             speculative_option,
             click.option("--ignore-eos", is_flag=True, help="Never sample the end tokens (always --max-tokens tokens)."),
-            click.option("--plausible-top-p", type=float, default=1.0, show_default=True,
+            click.option("--plausible-top-p", type=float, default=DEFAULTS.plausible_top_p, show_default=True,
                          help="Conservative decoding: only tokens inside this top-p nucleus of --plausible-model."),
-            click.option("--plausible-min-p", type=float, default=0.0, show_default=True,
+            click.option("--plausible-min-p", type=float, default=DEFAULTS.plausible_min_p, show_default=True,
                          help="Conservative decoding: only tokens at least this times --plausible-model's top probability."),
-            click.option("--plausible-model", type=click.Choice(["tuned", "base"]), default="tuned", show_default=True,
+            click.option("--plausible-model", type=click.Choice(["tuned", "base"]), default=DEFAULTS.plausible_model, show_default=True,
                          help="The model whose distribution decides what is plausible."),
         ]
     ):
@@ -264,7 +265,9 @@ def generate(prompt: str | None, raw: bool, as_json: bool, **kwargs: Any) -> Non
     with load(**engine_kw) as eft:
         chunks = eft.stream(prompt, raw=raw, **sample_kw)
         if as_json:
-            result = dataclasses.asdict(Completion.from_chunks(chunks))
+            reply = Completion.from_chunks(chunks)
+            result = {**dataclasses.asdict(reply), "usage": reply.usage}
+            del result["logprobs"]
             click.echo(json.dumps(result, ensure_ascii=False))
         else:
             write_stream(chunks, sys.stdout)
@@ -603,6 +606,68 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
     click.echo(ev.table(run.results))
     if plot:
         ev.plot(run.results, plot)
+
+
+@main.command()
+@model_options
+@engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--queue", type=click.IntRange(0, 4096), default=16, show_default=True,
+              help="Requests that may wait for the model; beyond them the server answers 503.")
+@click.option("--api-key", envvar="EFT_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' [env: EFT_LOCAL_API_KEY].")
+@handle_errors
+def serve(host: str, port: int, queue: int, api_key: str | None, **kwargs: Any) -> None:
+    """Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    Needs the server extra: pip install 'eft-local[server]'.
+    """
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError:
+        raise EFTError("serve needs the server extra: pip install 'eft-local[server]'") from None
+    check_port(host, port)
+    name = served_name(kwargs["recipe"], kwargs["base"])
+    with load(**kwargs) as eft:
+        app = create_app(eft, model=name, queue=queue, api_key=api_key)
+        click.echo(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
+        # handlers it found: this one makes SIGTERM, like Ctrl-C, end with status 0.
+        previous = signal.signal(signal.SIGTERM, stopped)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    click.echo("stopped", err=True)
+
+
+def stopped(signum: int, frame: Any) -> None:
+    """SIGTERM after the server has shut down: leave normally."""
+    raise SystemExit(0)
+
+
+def served_name(recipe: str | None, base: str | None) -> str:
+    """The model id the server answers to: the recipe's name, or the base file's."""
+    if base is not None and recipe is None:
+        return os.path.splitext(os.path.basename(base))[0]
+    from .recipes import default_recipe
+
+    return recipe or default_recipe()
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line before loading models when the address cannot be listened on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as e:
+        raise EFTError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 # Registered last: cli_models imports handle_errors from this module.

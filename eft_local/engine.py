@@ -18,8 +18,10 @@ from .interrupts import sigint_deferred
 from .explain import TokenExplanation, explain_tokens
 from .prompt import Message, chat_text, chat_tokens, check_messages, plain_transcript, raw_tokens
 from .template import ChatTemplate
+from . import openai_format
+from .params import Plausibility, SamplingParams, check_weight
 from .sampling import Sampler
-from .speculative import MAX_DRAFT, SpecStats, speculative_tokens
+from .speculative import SpecStats, speculative_tokens
 from .text import check_text
 from .textstream import TextStream
 from .vocab import VocabReport, check_vocabularies, read_vocab
@@ -29,9 +31,6 @@ DEFAULT_CTX = 4096
 # Measured on 2 cores (see README): three small models decode faster one after another,
 # each with every core, than side by side in threads.
 DEFAULT_CONCURRENT = False
-# Deltas' weights beyond this only push the combination to one model's argmax and, far beyond,
-# overflow float64.
-MAX_WEIGHT = 100.0
 
 
 @dataclass
@@ -45,27 +44,8 @@ class Chunk:
     token: int | None = None
     finish_reason: str | None = None
     stats: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Plausibility:
-    """Conservative decoding: sample only tokens that ``model`` (tuned or base) finds plausible."""
-
-    top_p: float = 1.0
-    min_p: float = 0.0
-    model: str = "tuned"
-
-    def __post_init__(self) -> None:
-        if self.model not in ("tuned", "base"):
-            raise EFTError(f"the plausibility model must be tuned or base, got {self.model!r}")
-        if not 0 < self.top_p <= 1:
-            raise EFTError(f"plausible top-p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise EFTError(f"plausible min-p must be in [0, 1], got {self.min_p}")
-
-    @property
-    def active(self) -> bool:
-        return self.top_p < 1 or self.min_p > 0
+    logprob: float | None = None  # with ``logprobs``: the token's under the combined distribution
+    top_logprobs: list[tuple[int, float]] | None = None  # and the most likely (id, logprob) there
 
 
 @dataclass(frozen=True)
@@ -95,18 +75,29 @@ class Completion:
     tokens: list[int]
     finish_reason: str
     stats: dict[str, Any] = field(default_factory=dict)
+    # With ``logprobs``: per token, its log-probability and the top (id, log-probability) pairs.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token counts under the OpenAI API's names."""
+        prompt, completion = self.stats.get("prompt_tokens", 0), self.stats.get("completion_tokens", len(self.tokens))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[Chunk]) -> "Completion":
         """Collect a stream into one result."""
-        text, tokens = [], []
+        text, tokens, logprobs = [], [], []
         try:
             for chunk in chunks:
                 text.append(chunk.text)
                 if chunk.token is not None:
                     tokens.append(chunk.token)
+                    if chunk.logprob is not None:
+                        logprobs.append((chunk.logprob, chunk.top_logprobs or []))
                 if chunk.finish_reason is not None:
-                    return cls("".join(text), tokens, chunk.finish_reason, chunk.stats or {})
+                    return cls("".join(text), tokens, chunk.finish_reason, chunk.stats or {},
+                               logprobs if len(logprobs) == len(tokens) and tokens else None)
         finally:
             # Interrupted halfway, the stream lets go of the models now, not when collected.
             close = getattr(chunks, "close", None)
@@ -147,12 +138,15 @@ class EFT:
         n_gpu_layers: int | Mapping[str, int] = 0,
         concurrent: bool | None = None,
         base_prompt: str = "same",
+        name: str | None = None,
     ):
         if base_prompt not in BASE_PROMPTS:
             raise EFTError(f"base_prompt must be one of {BASE_PROMPTS}, got {base_prompt!r}")
         if n_ctx < 8:
             raise EFTError(f"context size must be at least 8 tokens, got {n_ctx}")
         self.base_prompt = base_prompt
+        # What results call the model: the base file's name, unless given.
+        self.name = name or os.path.splitext(os.path.basename(os.fspath(base)))[0]
         self._end_tokens: tuple[int, ...] | None = None
         pairs = ([(tuned, reference, weight)] if tuned is not None or reference is not None else []) + list(deltas)
         if not pairs:
@@ -396,45 +390,28 @@ class EFT:
         *,
         messages: Sequence[Message] | None = None,
         raw: bool = False,
-        max_tokens: int = 256,
-        stop: Sequence[str] = (),
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        seed: int | None = None,
-        speculative: int | str | None = None,
-        ignore_eos: bool = False,
-        weights: Sequence[float] | None = None,
-        plausible_top_p: float = 1.0,
-        plausible_min_p: float = 0.0,
-        plausible_model: str = "tuned",
+        params: SamplingParams | None = None,
+        **options: Any,
     ) -> Iterator[Chunk]:
         """Generate a reply piece by piece.
 
         ``prompt`` is rendered as one user message with the tuned model's chat template,
-        unless ``raw``; ``messages`` is a whole chat. Stops at the tuned model's
-        end-of-generation tokens, at a ``stop`` string (never included in the text), or after
-        ``max_tokens``. ``speculative`` = k drafts k tokens with the tuned model per
-        verification ("auto" adapts k); the output distribution is the same. ``ignore_eos``
-        never samples the end tokens (for benchmarks: always ``max_tokens`` tokens).
-        ``weights`` overrides the deltas' weights for this call only. ``plausible_top_p`` and
-        ``plausible_min_p`` restrict sampling to tokens ``plausible_model`` finds plausible
-        (conservative decoding), in plain and speculative decoding alike.
+        unless ``raw``; ``messages`` is a whole chat. ``params`` and ``options`` (any field of
+        ``SamplingParams``, overriding ``params``: ``max_tokens``, ``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``seed``, ``stop``, ``speculative``, ``ignore_eos``, ``weights``,
+        ``plausible_top_p``, ``plausible_min_p``, ``plausible_model``, ``logprobs``) say how.
+        Stops at the tuned model's end-of-generation tokens, at a ``stop`` string (never
+        included in the text), or after ``max_tokens``. ``speculative`` = k drafts k tokens with
+        the tuned model per verification ("auto" adapts k); the output distribution is the
+        same. ``ignore_eos`` never samples the end tokens (for benchmarks). ``weights``
+        overrides the deltas' weights for this call only. The plausibility options restrict
+        sampling to tokens ``plausible_model`` finds plausible (conservative decoding).
         """
-        mix = self._mix(weights, Plausibility(plausible_top_p, plausible_min_p, plausible_model))
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise EFTError(f"max_tokens must be an integer of at least 1, got {max_tokens!r}")
-        speculative = check_speculative(speculative)
-        stop = check_stop(stop)
-        rng = np.random.default_rng(check_seed(seed))
+        p = SamplingParams.create(params, **options)
+        mix = self._mix(p.weights, p.plausibility)
         # Prompts are rendered and checked now, so a bad request fails at the call.
-        by_role, banned = self._checked_prompts(prompt, messages, raw, ignore_eos)
-        try:
-            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, banned=banned)
-        except (TypeError, ValueError) as e:
-            raise EFTError(str(e)) from None
-        return self._loop(by_role, sampler, rng, max_tokens, stop, speculative, mix)
+        by_role, banned = self._checked_prompts(prompt, messages, raw, p.ignore_eos)
+        return self._loop(by_role, p.sampler(banned), np.random.default_rng(p.seed), p, mix)
 
     @holding
     def _checked_prompts(self, prompt: str | None, messages: Sequence[Message] | None, raw: bool,
@@ -450,9 +427,7 @@ class EFT:
         by_role: dict[str, list[int]],
         sampler: Sampler,
         rng: np.random.Generator,
-        max_tokens: int,
-        stop: Sequence[str],
-        speculative: int | str | None,
+        params: SamplingParams,
         mix: Mix,
     ) -> Iterator[Chunk]:
         """The EFT loop: prefill every model, then take tokens until a stop.
@@ -461,8 +436,9 @@ class EFT:
         before the last chunk, so a caller that stops reading there keeps nothing locked.
         """
         tuned = self.models["tuned"]
-        text = TextStream(stop)
+        text = TextStream(params.stop)
         tokens: list[int] = []
+        speculative = params.speculative
         guard = self._guard
         with guard.take():
             guard.enter()
@@ -477,12 +453,12 @@ class EFT:
                 if speculative:
                     timing = SpecStats()
                     k = None if speculative == "auto" else int(speculative)
-                    source = speculative_tokens(self, sampler, rng, k, mix, timing)
+                    source = ((t, None) for t in speculative_tokens(self, sampler, rng, k, mix, timing))
                 else:
                     timing = StepTiming()
                     source = self._plain_tokens(sampler, rng, mix, timing)
                 finish = "length"
-                for token in source:
+                for token, logp in source:
                     if guard.closed:
                         raise EFTError("this EFT is closed")
                     if tuned.is_eog(token):
@@ -490,11 +466,14 @@ class EFT:
                         break
                     tokens.append(token)
                     piece = text.feed(tuned.piece(token))
-                    yield Chunk(piece, token)
+                    chunk = Chunk(piece, token)
+                    if params.logprobs is not None:
+                        chunk.logprob, chunk.top_logprobs = token_logprobs(logp, token, params.logprobs)
+                    yield chunk
                     if text.stopped:
                         finish = "stop"
                         break
-                    if len(tokens) >= max_tokens:
+                    if len(tokens) >= params.max_tokens:
                         break
             finally:
                 if source is not None:
@@ -506,7 +485,7 @@ class EFT:
             "prompt_tokens": len(prompts[tuned]),
             # Fewer than prompt_tokens when the models' caches already held the start.
             "prompt_eval_tokens": prompt_eval,
-            "generated_tokens": len(tokens),
+            "completion_tokens": len(tokens),
             "prompt_seconds": round(t1 - t0, 4),
             "generate_seconds": round(t2 - t1, 4),
             "tokens_per_second": round(len(tokens) / (t2 - t1), 2) if tokens and t2 > t1 else 0.0,
@@ -515,14 +494,18 @@ class EFT:
         yield Chunk(tail, None, finish, stats)
 
     def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, mix: Mix,
-                      timing: "StepTiming") -> Iterator[int]:
-        """One token per step: combine, sample, then append it to every model."""
+                      timing: "StepTiming") -> Iterator[tuple[int, np.ndarray]]:
+        """One token per step: combine, sample, then append it to every model.
+
+        Yields each token with the combined distribution it was drawn from.
+        """
         while True:
             t0 = time.perf_counter()
-            token = sampler.sample(self._combined(mix), rng)
+            logp = self._combined(mix)
+            token = sampler.sample(logp, rng)
             t1 = time.perf_counter()
             timing.combine_seconds += t1 - t0
-            yield token
+            yield token, logp
             if any(len(b.tokens) >= b.n_ctx for b in self.backends):
                 return
             t2 = time.perf_counter()
@@ -600,6 +583,22 @@ class EFT:
         """Generate a whole reply; takes the same arguments as ``stream``."""
         return Completion.from_chunks(self.stream(prompt, **options))
 
+    def create_completion(self, prompt: str, *, stream: bool = False, model: str | None = None,
+                          **options: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """A raw-text completion as the dict llama-cpp-python's ``create_completion`` returns
+        (``stream=True``: an iterator of chunk dicts). ``logprobs=k`` adds the combined
+        distribution's log-probabilities with k alternatives; other options as for ``stream``.
+        """
+        return openai_format.completion(self, prompt, model=model or self.name, stream=stream, **options)
+
+    def create_chat_completion(self, messages: Sequence[Message], *, stream: bool = False, model: str | None = None,
+                               **options: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """The reply to a chat as the dict llama-cpp-python's ``create_chat_completion`` returns
+        (``stream=True``: chunk dicts). ``logprobs=True`` and ``top_logprobs=k`` report the
+        combined distribution; other options as for ``stream``.
+        """
+        return openai_format.chat_completion(self, messages, model=model or self.name, stream=stream, **options)
+
     def chat(self, messages: Sequence[Message], **options: Any) -> Completion:
         """Reply to a chat (a list of {"role", "content"} messages)."""
         return self.generate(messages=messages, **options)
@@ -607,6 +606,16 @@ class EFT:
     def stream_chat(self, messages: Sequence[Message], **options: Any) -> Iterator[Chunk]:
         """Stream a reply to a chat."""
         return self.stream(messages=messages, **options)
+
+
+def token_logprobs(logp: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability and the ``k`` most likely (id, log-probability) pairs."""
+    top: list[tuple[int, float]] = []
+    if k:
+        ids = np.argpartition(-logp, k - 1)[:k] if k < len(logp) else np.arange(len(logp))
+        ids = ids[np.argsort(-logp[ids], kind="stable")]
+        top = [(int(i), float(logp[i])) for i in ids]
+    return float(logp[token]), top
 
 
 def delta_roles(i: int) -> tuple[str, str]:
@@ -624,17 +633,6 @@ def per_role(value: int | Mapping[str, int] | None, name: str, default: int, rol
     return {role: int(value.get(role, default)) for role in roles}
 
 
-def check_weight(value: Any) -> float:
-    """A delta's weight: a number from -MAX_WEIGHT to MAX_WEIGHT (0 turns the delta off, > 1 amplifies it)."""
-    try:
-        w = float(value)
-    except (TypeError, ValueError):
-        w = float("nan")
-    if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
-        raise EFTError(f"weight must be a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, got {value!r}")
-    return w
-
-
 def max_threads() -> int:
     """The most threads a model may use: 4 per core (more only adds contention), at most llama.cpp's 512."""
     return min(512, 4 * (os.cpu_count() or 1))
@@ -648,42 +646,3 @@ def check_threads(threads: Mapping[str, int]) -> None:
             raise EFTError(f"threads must be from 1 to {top} on this machine, got {n!r} for {role}")
 
 
-def check_seed(seed: Any) -> int | None:
-    """None or -1 (a random seed, as in llama.cpp), or a non-negative integer."""
-    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise EFTError(f"seed must be a non-negative integer (or -1 for a random one), got {seed!r}")
-    return seed
-
-
-def check_stop(stop: Any) -> list[str]:
-    """Stop strings: one string or a list of strings (None or empty: none)."""
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    try:
-        stops = list(stop)
-    except TypeError:
-        stops = None
-    if stops is None or not all(isinstance(s, str) for s in stops):
-        raise EFTError(f"stop must be a string or a list of strings, got {stop!r}")
-    for s in stops:
-        check_text(s, "a stop string")
-    return stops
-
-
-def check_speculative(value: int | str | None) -> int | str | None:
-    """None or 0 (off), a draft length 1..MAX_DRAFT, or "auto"."""
-    if value in (None, 0, "0", "off"):
-        return None
-    if value == "auto":
-        return "auto"
-    try:
-        k = int(value) if not isinstance(value, float) or value.is_integer() else -1
-    except (TypeError, ValueError):
-        k = -1
-    if not 1 <= k <= MAX_DRAFT:
-        raise EFTError(f"speculative must be a draft length from 1 to {MAX_DRAFT} or 'auto', got {value!r}")
-    return k

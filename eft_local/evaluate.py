@@ -225,7 +225,7 @@ def evaluate(
             followed, correct = score(reply, item["answer"], max_words)
             result = ItemResult(
                 item["prompt"], item["answer"], reply.text, followed, correct,
-                reply.stats["generated_tokens"], reply.stats["generate_seconds"],
+                reply.stats["completion_tokens"], reply.stats["generate_seconds"],
                 reply.stats.get("drafted", 0), reply.stats.get("accepted", 0),
             )
             results.append(result)

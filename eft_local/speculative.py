@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .combine import log_softmax, plausible
+from .params import MAX_DRAFT
 from .sampling import Sampler, draw, normalize
 
 if TYPE_CHECKING:
     from .engine import EFT, Mix
 
-MAX_DRAFT = 16
 
 
 @dataclass

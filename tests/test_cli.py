@@ -90,15 +90,18 @@ def test_generate_json_matches_stream(tiny):
     result = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY, "--json"]))
     assert len(result.stdout.strip().splitlines()) == 1
     obj = json.loads(result.stdout)
-    assert set(obj) == {"text", "tokens", "finish_reason", "stats"}
+    assert set(obj) == {"text", "tokens", "finish_reason", "stats", "usage"}
     assert obj["finish_reason"] in {"stop", "length"}
     stats = obj["stats"]
-    assert {"prompt_tokens", "generated_tokens", "tokens_per_second"} <= set(stats)
-    assert len(obj["tokens"]) == stats["generated_tokens"] <= 12
+    # The OpenAI API's names for the counts.
+    assert obj["usage"] == {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
+                            "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"]}
+    assert {"prompt_tokens", "completion_tokens", "tokens_per_second"} <= set(stats)
+    assert len(obj["tokens"]) == stats["completion_tokens"] <= 12
     assert stats["prompt_tokens"] > 0
     assert all(isinstance(t, int) and 0 <= t < N_VOCAB_BASE for t in obj["tokens"])
     if obj["finish_reason"] == "length":
-        assert stats["generated_tokens"] == 12
+        assert stats["completion_tokens"] == 12
 
     streamed = ok(invoke(["generate", PROMPT, *models(tiny), *GREEDY]))
     assert streamed.stdout == obj["text"] + "\n"
@@ -369,7 +372,7 @@ class FakeEFT:
                 if isinstance(piece, Exception):
                     raise piece
                 yield Chunk(piece, 100 + i)
-            yield Chunk("", None, "stop", {"generated_tokens": len(pieces)})
+            yield Chunk("", None, "stop", {"completion_tokens": len(pieces)})
 
         return chunks()
 

@@ -70,7 +70,7 @@ def test_greedy_path_follows_argmax_across_two_chat_turns(tiny, fresh):
     with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=1024) as eft:
         messages = [{"role": "user", "content": "Hello world"}]
         first = eft.chat(messages, temperature=0, max_tokens=32)
-        assert first.stats["generated_tokens"] >= 30 or first.finish_reason == "stop"
+        assert first.stats["completion_tokens"] >= 30 or first.finish_reason == "stop"
         assert_greedy_path(fresh, same(eft.prompt_tokens(messages=messages)["tuned"]), first.tokens, 1.0, eft.n_shared)
 
         messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "what is the answer"}]
@@ -199,7 +199,7 @@ def test_max_tokens_gives_length(eft):
     out = eft.generate("Hello world", temperature=0, max_tokens=5)
     assert out.finish_reason == "length"
     assert len(out.tokens) == 5
-    assert out.stats["generated_tokens"] == 5
+    assert out.stats["completion_tokens"] == 5
 
 
 def test_end_of_generation_token_stops(eft, monkeypatch):
@@ -282,7 +282,7 @@ def test_streamed_text_is_whole_characters(eft):
     for c in chunks:
         c.text.encode("utf-8")  # raises on a lone surrogate
     assert chunks[-1].finish_reason in ("stop", "length")
-    assert chunks[-1].stats["generated_tokens"] == sum(1 for c in chunks if c.token is not None)
+    assert chunks[-1].stats["completion_tokens"] == sum(1 for c in chunks if c.token is not None)
     assert text == eft.generate("Hello world", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=40, seed=11).text
 
 
