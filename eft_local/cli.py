@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import click
 
-from .engine import BASE_PROMPTS, DEFAULT_CTX, EFT, Chunk, Completion, delta_roles
+from .engine import DEFAULT_CTX, EFT, Chunk, Completion
+from .models import BASE_PROMPTS, delta_roles
 from .errors import EFTError
 from . import evaluate as ev
 from .params import DEFAULTS

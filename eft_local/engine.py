@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .backend import Backend
-from .combine import eft_logprobs, log_softmax, plausible
-from .errors import EFTError
-from .guard import Guard, holding
-from .interrupts import sigint_deferred
-from .explain import TokenExplanation, explain_tokens
-from .prompt import Message, chat_text, chat_tokens, check_messages, plain_transcript, raw_tokens
-from .template import ChatTemplate
 from . import openai_format
+from .decode import StepTiming, plain_tokens
+from .errors import EFTError
+from .explain import TokenExplanation, explain_tokens
+from .guard import Guard, holding
+from .models import Mix, ModelSet
 from .params import Plausibility, SamplingParams, check_weight
+from .prompt import Message, chat_text, chat_tokens, check_messages, plain_transcript, raw_tokens
 from .sampling import Sampler
 from .speculative import SpecStats, speculative_tokens
 from .text import check_text
 from .textstream import TextStream
-from .vocab import VocabReport, check_vocabularies, read_vocab
 
-BASE_PROMPTS = ("same", "plain")
 DEFAULT_CTX = 4096
-# Measured on 2 cores (see README): three small models decode faster one after another,
-# each with every core, than side by side in threads.
-DEFAULT_CONCURRENT = False
 
 
 @dataclass
@@ -46,25 +38,6 @@ class Chunk:
     stats: dict[str, Any] | None = None
     logprob: float | None = None  # with ``logprobs``: the token's under the combined distribution
     top_logprobs: list[tuple[int, float]] | None = None  # and the most likely (id, logprob) there
-
-
-@dataclass(frozen=True)
-class Mix:
-    """How one call combines the models: the deltas' weights and the plausibility filter."""
-
-    weights: tuple[float, ...]
-    plausibility: Plausibility = Plausibility()
-
-
-@dataclass
-class StepTiming:
-    """Where the time of non-speculative steps went."""
-
-    forward_seconds: float = 0.0
-    combine_seconds: float = 0.0
-
-    def summary(self) -> dict[str, float]:
-        return {"forward_seconds": round(self.forward_seconds, 4), "combine_sample_seconds": round(self.combine_seconds, 4)}
 
 
 @dataclass
@@ -140,100 +113,51 @@ class EFT:
         base_prompt: str = "same",
         name: str | None = None,
     ):
-        if base_prompt not in BASE_PROMPTS:
-            raise EFTError(f"base_prompt must be one of {BASE_PROMPTS}, got {base_prompt!r}")
-        if n_ctx < 8:
-            raise EFTError(f"context size must be at least 8 tokens, got {n_ctx}")
-        self.base_prompt = base_prompt
         # What results call the model: the base file's name, unless given.
         self.name = name or os.path.splitext(os.path.basename(os.fspath(base)))[0]
-        self._end_tokens: tuple[int, ...] | None = None
         pairs = ([(tuned, reference, weight)] if tuned is not None or reference is not None else []) + list(deltas)
-        if not pairs:
-            raise EFTError("give a tuned and a reference model (or deltas)")
-        paths = {"base": os.fspath(base)}
-        self.deltas: list[tuple[str, str]] = []
-        self.weights: list[float] = []
-        for i, pair in enumerate(pairs, 1):
-            if len(pair) not in (2, 3) or pair[0] is None or pair[1] is None:
-                raise EFTError(f"delta {i} needs a tuned and a reference model, got {pair!r}")
-            t, r = delta_roles(i)
-            paths[t], paths[r] = os.fspath(pair[0]), os.fspath(pair[1])
-            self.deltas.append((t, r))
-            self.weights.append(check_weight(pair[2] if len(pair) == 3 else 1.0))
-        self.roles = list(paths)
-        # The check reads only GGUF headers, so a bad set fails before any weights load.
-        self.vocabs = {role: read_vocab(p) for role, p in paths.items()}
-        self.report: VocabReport = check_vocabularies(self.vocabs)
-        self.n_shared = self.report.n_shared
-        # Compiled once here: compiling it again for every request would cost more than rendering.
-        self.chat_template = ChatTemplate.from_vocab(self.vocabs["tuned"])
-
-        keys = {role: (os.path.realpath(paths[role]), self._view(role)) for role in self.roles}
-        unique = list(dict.fromkeys(keys.values()))
-        self.concurrent = DEFAULT_CONCURRENT if concurrent is None else bool(concurrent)
-        cores = int(os.environ.get("EFT_LOCAL_THREADS") or os.cpu_count() or 1)
-        default_threads = max(1, cores // len(unique)) if self.concurrent else cores
-        threads = per_role(n_threads, "n_threads", default_threads, self.roles)
-        gpu_layers = per_role(n_gpu_layers, "n_gpu_layers", 0, self.roles)
-        check_threads(threads)
-        for role, n in gpu_layers.items():
-            if n < -1:
-                raise EFTError(f"n_gpu_layers must be -1 (all) or more, got {n} for {role}")
-        # Set before loading: close() after a failed load goes through the guard.
         self._guard = Guard(self._free)
-        self._pool = None
-        self._backends: dict[tuple[str, str], Backend] = {}
-        self.models: dict[str, Backend] = {}
-        # The context is capped at each model's trained length; errors say so when it was.
-        self.requested_ctx = n_ctx
-        try:
-            for role in self.roles:
-                if keys[role] not in self._backends:
-                    ctx = min(n_ctx, self.vocabs[role].context_length or n_ctx)
-                    self._backends[keys[role]] = Backend(
-                        paths[role], n_ctx=ctx, n_threads=threads[role], n_gpu_layers=gpu_layers[role]
-                    )
-                self.models[role] = self._backends[keys[role]]
-                if self.models[role].n_vocab != self.vocabs[role].n_vocab:
-                    raise EFTError(
-                        f"{paths[role]}: llama.cpp reports {self.models[role].n_vocab} tokens, "
-                        f"the GGUF lists {self.vocabs[role].n_vocab}"
-                    )
-        except BaseException:
-            self.close()
-            raise
-        self._pool = (
-            ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
-            if self.concurrent and len(unique) > 1
-            else None
-        )
+        self.model_set = ModelSet(base, pairs, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                  concurrent=concurrent, base_prompt=base_prompt)
 
-    def _view(self, role: str) -> str:
-        return "plain" if self.base_prompt == "plain" and not role.startswith("tuned") else "chat"
+    # The model set's facts, under the names this class has always had.
+    models = property(lambda self: self.model_set.models, doc="Each role's loaded model.")
+    backends = property(lambda self: self.model_set.backends, doc="The distinct loaded models.")
+    roles = property(lambda self: self.model_set.roles)
+    deltas = property(lambda self: self.model_set.deltas, doc="(tuned role, reference role) of each delta.")
+    vocabs = property(lambda self: self.model_set.vocabs)
+    report = property(lambda self: self.model_set.report, doc="What the vocabulary check found.")
+    n_shared = property(lambda self: self.model_set.n_shared, doc="Size of the shared vocabulary.")
+    n_ctx = property(lambda self: self.model_set.n_ctx, doc="The smallest context of the models.")
+    chat_template = property(lambda self: self.model_set.chat_template)
+    concurrent = property(lambda self: self.model_set.concurrent)
+    base_prompt = property(lambda self: self.model_set.base_prompt)
+
+    @property
+    def weights(self) -> list[float]:
+        """Every delta's weight."""
+        return self.model_set.weights
+
+    @weights.setter
+    def weights(self, value: Sequence[float]) -> None:
+        self.set_weights(value)
 
     @property
     def weight(self) -> float:
         """The first delta's weight."""
-        return self.weights[0]
+        return self.model_set.weights[0]
 
     @weight.setter
     def weight(self, value: float) -> None:
-        self.weights[0] = check_weight(value)
+        self.model_set.weights[0] = check_weight(value)
 
     def set_weights(self, weights: Sequence[float]) -> None:
         """Change every delta's weight; no model is reloaded and no cache is lost."""
-        self.weights = self._checked_weights(weights)
+        self.model_set.weights = self.model_set.checked_weights(weights)
 
-    def _mix(self, weights: Sequence[float] | None, plausibility: Plausibility = Plausibility()) -> Mix:
-        return Mix(tuple(self._checked_weights(weights)), plausibility)
-
-    def _checked_weights(self, weights: Sequence[float] | None) -> list[float]:
-        if weights is None:
-            return list(self.weights)
-        if len(weights) != len(self.deltas):
-            raise EFTError(f"{len(weights)} weights given for {len(self.deltas)} deltas")
-        return [check_weight(w) for w in weights]
+    def end_tokens(self) -> tuple[int, ...]:
+        """The tuned model's end-of-generation ids within the shared vocabulary."""
+        return self.model_set.end_tokens()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -254,75 +178,15 @@ class EFT:
         return self._guard.closed
 
     def _free(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
-            self._pool = None
-        for model in self._backends.values():
-            model.close()
-        self._backends.clear()
+        model_set = getattr(self, "model_set", None)
+        if model_set is not None:
+            model_set.close()
 
     def __enter__(self) -> "EFT":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def backends(self) -> list[Backend]:
-        """The distinct loaded models (a file in two roles with one view counts once)."""
-        return list(self._backends.values())
-
-    @property
-    def n_ctx(self) -> int:
-        return min(b.n_ctx for b in self.backends)
-
-    # --- the step --------------------------------------------------------------------------
-
-    def _run(self, work: Callable[[Backend], object]) -> None:
-        """Run ``work`` on every distinct model, in threads when concurrent."""
-        self._run_on(self.backends, work)
-
-    def _run_on(self, backends: Sequence[Backend], work: Callable[[Backend], object]) -> None:
-        """Run ``work`` on ``backends``, in threads when concurrent."""
-        if self._pool is None or len(backends) < 2:
-            for b in backends:
-                work(b)
-            return
-        # Ctrl-C waits for the in-flight decodes, so each cache still matches its token list
-        # (and a wait interrupted halfway can break the executor's own locks).
-        with sigint_deferred():
-            futures = [self._pool.submit(work, b) for b in backends]
-            wait(futures)
-        for f in futures:
-            f.result()
-
-    def _combined(self, mix: Mix) -> np.ndarray:
-        """Combined log-probabilities at every model's last evaluated position."""
-        return self.combine_rows({b: log_softmax(b.logits()) for b in self.backends}, mix)
-
-    def combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix) -> np.ndarray:
-        """The distribution tokens are sampled from at one position (before the sampler's own
-        filters), from each distinct model's log-probabilities there: the EFT combination, then
-        the plausibility filter. Generation, speculative verification and ``explain`` all use it.
-        """
-        m = self.models
-        combined = eft_logprobs(
-            logp[m["base"]],
-            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, mix.weights)],
-            self.n_shared,
-        )
-        f = mix.plausibility
-        if f.active:
-            combined = plausible(combined, logp[m[f.model]], f.top_p, f.min_p)
-        return combined
-
-    def end_tokens(self) -> tuple[int, ...]:
-        """The tuned model's end-of-generation ids within the shared vocabulary."""
-        if self._end_tokens is None:
-            tuned = self.models["tuned"]
-            self._end_tokens = tuple(t for t in range(self.n_shared) if tuned.is_eog(t))
-        return self._end_tokens
 
     @holding
     def next_logprobs(self, tokens: Sequence[int], *, weights: Sequence[float] | None = None) -> np.ndarray:
@@ -331,10 +195,10 @@ class EFT:
         Returns an array over the shared vocabulary ``[0, n_shared)``.
         """
         tokens = [int(t) for t in tokens]
-        mix = self._mix(weights)
-        self._check_tokens(tokens)
-        self._run(lambda b: b.sync(tokens))
-        return self._combined(mix)
+        mix = self.model_set.mix(weights)
+        self.model_set.check_tokens(tokens)
+        self.model_set.run(lambda b: b.sync(tokens))
+        return self.model_set.combined(mix)
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
         if not tokens:
@@ -376,7 +240,7 @@ class EFT:
             shared = chat_tokens(tuned, self.chat_template, messages)
         out = {}
         for role in self.roles:
-            if self._view(role) == "plain" and not raw:
+            if self.model_set.view(role) == "plain" and not raw:
                 out[role] = raw_tokens(self.models[role], plain_transcript(messages))
             else:
                 out[role] = shared
@@ -408,7 +272,7 @@ class EFT:
         sampling to tokens ``plausible_model`` finds plausible (conservative decoding).
         """
         p = SamplingParams.create(params, **options)
-        mix = self._mix(p.weights, p.plausibility)
+        mix = self.model_set.mix(p.weights, p.plausibility)
         # Prompts are rendered and checked now, so a bad request fails at the call.
         by_role, banned = self._checked_prompts(prompt, messages, raw, p.ignore_eos)
         return self._loop(by_role, p.sampler(banned), np.random.default_rng(p.seed), p, mix)
@@ -419,8 +283,8 @@ class EFT:
         """Each role's prompt tokens, checked against the context, and the ids to ban."""
         by_role = self._prompt_tokens(prompt, messages=messages, raw=raw)
         for toks in by_role.values():
-            self._check_tokens(toks)
-        return by_role, self.end_tokens() if ignore_eos else ()
+            self.model_set.check_tokens(toks)
+        return by_role, self.model_set.end_tokens() if ignore_eos else ()
 
     def _loop(
         self,
@@ -447,16 +311,16 @@ class EFT:
                 prompts = {self.models[role]: toks for role, toks in by_role.items()}
                 t0 = time.perf_counter()
                 evaluated = tuned.n_evaluated
-                self._run(lambda b: b.sync(prompts[b]))
+                self.model_set.run(lambda b: b.sync(prompts[b]))
                 prompt_eval = tuned.n_evaluated - evaluated
                 t1 = time.perf_counter()
                 if speculative:
                     timing = SpecStats()
                     k = None if speculative == "auto" else int(speculative)
-                    source = ((t, None) for t in speculative_tokens(self, sampler, rng, k, mix, timing))
+                    source = ((t, None) for t in speculative_tokens(self.model_set, sampler, rng, k, mix, timing))
                 else:
                     timing = StepTiming()
-                    source = self._plain_tokens(sampler, rng, mix, timing)
+                    source = plain_tokens(self.model_set, sampler, rng, mix, timing)
                 finish = "length"
                 for token, logp in source:
                     if guard.closed:
@@ -493,27 +357,6 @@ class EFT:
         }
         yield Chunk(tail, None, finish, stats)
 
-    def _plain_tokens(self, sampler: Sampler, rng: np.random.Generator, mix: Mix,
-                      timing: "StepTiming") -> Iterator[tuple[int, np.ndarray]]:
-        """One token per step: combine, sample, then append it to every model.
-
-        Yields each token with the combined distribution it was drawn from.
-        """
-        while True:
-            t0 = time.perf_counter()
-            logp = self._combined(mix)
-            token = sampler.sample(logp, rng)
-            t1 = time.perf_counter()
-            timing.combine_seconds += t1 - t0
-            yield token, logp
-            if any(len(b.tokens) >= b.n_ctx for b in self.backends):
-                return
-            t2 = time.perf_counter()
-            # One deferral for all models' one-token decodes (each would otherwise swap handlers).
-            with sigint_deferred():
-                self._run(lambda b: b.eval([token]))
-            timing.forward_seconds += time.perf_counter() - t2
-
     def explain(
         self,
         prompt: str | None = None,
@@ -534,7 +377,7 @@ class EFT:
         The combined column is the distribution generation samples from, plausibility filter
         included.
         """
-        mix = self._mix(weights, Plausibility(plausible_top_p, plausible_min_p, plausible_model))
+        mix = self.model_set.mix(weights, Plausibility(plausible_top_p, plausible_min_p, plausible_model))
         if reply is None:
             plausibility = dict(plausible_top_p=plausible_top_p, plausible_min_p=plausible_min_p,
                                 plausible_model=plausible_model)
@@ -550,7 +393,7 @@ class EFT:
         prompts = self._prompt_tokens(prompt, messages=messages, raw=raw)
         if tokens is None:
             tokens = self._reply_tokens(prompts["tuned"], prompt, messages, raw, reply)
-        return explain_tokens(self, prompts, tokens, mix)
+        return explain_tokens(self.model_set, prompts, tokens, mix)
 
     def _reply_tokens(self, prompt_tokens: list[int], prompt: str | None, messages: Sequence[Message] | None,
                       raw: bool, reply: str) -> list[int]:
@@ -616,33 +459,3 @@ def token_logprobs(logp: np.ndarray, token: int, k: int) -> tuple[float, list[tu
         ids = ids[np.argsort(-logp[ids], kind="stable")]
         top = [(int(i), float(logp[i])) for i in ids]
     return float(logp[token]), top
-
-
-def delta_roles(i: int) -> tuple[str, str]:
-    """Role names of the i-th delta (from 1): tuned/reference, then tuned2/reference2, ..."""
-    return ("tuned", "reference") if i == 1 else (f"tuned{i}", f"reference{i}")
-
-
-def per_role(value: int | Mapping[str, int] | None, name: str, default: int, roles: Sequence[str]) -> dict[str, int]:
-    """One setting for every role, or a mapping of role to setting (missing roles get the default)."""
-    if value is None or isinstance(value, int):
-        return {role: default if value is None else value for role in roles}
-    unknown = set(value) - set(roles)
-    if unknown:
-        raise EFTError(f"{name}: unknown role {sorted(unknown)[0]!r}; roles are {', '.join(roles)}")
-    return {role: int(value.get(role, default)) for role in roles}
-
-
-def max_threads() -> int:
-    """The most threads a model may use: 4 per core (more only adds contention), at most llama.cpp's 512."""
-    return min(512, 4 * (os.cpu_count() or 1))
-
-
-def check_threads(threads: Mapping[str, int]) -> None:
-    """Threads per role must be from 1 to ``max_threads()`` (llama.cpp crashes far beyond)."""
-    top = max_threads()
-    for role, n in threads.items():
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top:
-            raise EFTError(f"threads must be from 1 to {top} on this machine, got {n!r} for {role}")
-
-

@@ -19,7 +19,7 @@ from .errors import EFTError
 
 if TYPE_CHECKING:
     from .backend import Backend
-    from .engine import EFT, Mix
+    from .models import Mix, ModelSet
 
 
 @dataclass
@@ -68,34 +68,34 @@ def _rows(model: "Backend", prompt: list[int], reply: list[int]) -> list[np.ndar
     return rows
 
 
-def explain_tokens(eft: "EFT", prompts: dict[str, list[int]], reply: Sequence[int],
+def explain_tokens(models: "ModelSet", prompts: dict[str, list[int]], reply: Sequence[int],
                    mix: "Mix") -> list[TokenExplanation]:
     """Explain ``reply`` (token ids) after the per-role ``prompts``.
 
-    The combined column is the engine's own ``combine_rows`` (plausibility filter and ruled-out
+    The combined column is the model set's own ``combine_rows`` (plausibility filter and ruled-out
     tokens included), so it is the distribution generation samples from.
     """
     reply = [int(t) for t in reply]
     if not reply:
         raise EFTError("nothing to explain: the reply is empty")
-    if any(not 0 <= t < eft.n_shared for t in reply):
+    if any(not 0 <= t < models.n_shared for t in reply):
         raise EFTError("the reply has token ids outside the shared vocabulary")
     for toks in prompts.values():
-        if len(toks) + len(reply) > eft.n_ctx:
-            raise EFTError(f"prompt and reply ({len(toks) + len(reply)} tokens) do not fit the context of {eft.n_ctx}")
+        if len(toks) + len(reply) > models.n_ctx:
+            raise EFTError(f"prompt and reply ({len(toks) + len(reply)} tokens) do not fit the context of {models.n_ctx}")
     rows: dict[Backend, list[np.ndarray]] = {}
-    for role, model in eft.models.items():
+    for role, model in models.models.items():
         if model not in rows:
             rows[model] = _rows(model, prompts[role], reply)
-    n = eft.n_shared
-    tuned = eft.models["tuned"]
+    n = models.n_shared
+    tuned = models.models["tuned"]
     out = []
     for i, token in enumerate(reply):
         at = {m: r[i] for m, r in rows.items()}
-        lp = {role: at[m] for role, m in eft.models.items()}
-        terms = [add_delta(np.zeros(n), lp[t], lp[r], w) for (t, r), w in zip(eft.deltas, mix.weights)]
-        scores = eft_scores(lp["base"], [(lp[t], lp[r], w) for (t, r), w in zip(eft.deltas, mix.weights)], n)
-        combined = eft.combine_rows(at, mix)
+        lp = {role: at[m] for role, m in models.models.items()}
+        terms = [add_delta(np.zeros(n), lp[t], lp[r], w) for (t, r), w in zip(models.deltas, mix.weights)]
+        scores = eft_scores(lp["base"], [(lp[t], lp[r], w) for (t, r), w in zip(models.deltas, mix.weights)], n)
+        combined = models.combine_rows(at, mix)
         base_top = int(np.argmax(lp["base"][:n]))
         c = float(combined[token])
         out.append(

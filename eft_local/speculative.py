@@ -24,7 +24,7 @@ from .params import MAX_DRAFT
 from .sampling import Sampler, draw, normalize
 
 if TYPE_CHECKING:
-    from .engine import EFT, Mix
+    from .models import Mix, ModelSet
 
 
 
@@ -85,7 +85,7 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         return normalize(np.log(diff))
 
 
-def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k: int | None,
+def speculative_tokens(models: "ModelSet", sampler: Sampler, rng: np.random.Generator, k: int | None,
                        mix: "Mix", stats: SpecStats) -> Iterator[int]:
     """Yield EFT tokens after a prefill, drafting ``k`` at a time (None: adapt k).
 
@@ -93,23 +93,23 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
     """
     tuner = DraftTuner() if k is None else None
     k = tuner.k if tuner else k
-    drafter = eft.models["tuned"]
+    drafter = models.models["tuned"]
     plaus = mix.plausibility
     filter_drafts = plaus.active and plaus.model == "tuned"
-    verifiers = [b for b in eft.backends if b is not drafter]
-    n = eft.n_shared
+    verifiers = [b for b in models.backends if b is not drafter]
+    n = models.n_shared
 
     t = time.perf_counter()
-    token = sampler.sample(eft._combined(mix), rng)
+    token = sampler.sample(models.combined(mix), rng)
     stats.combine_seconds += time.perf_counter() - t
     yield token
     while True:
         # Room for the pending token, k drafts and a bonus in every context.
-        room = min(b.n_ctx - len(b.tokens) for b in eft.backends) - 2
+        room = min(b.n_ctx - len(b.tokens) for b in models.backends) - 2
         if room < 0:
             return
         kk = max(0, min(k, room, MAX_DRAFT))
-        start = {b: len(b.tokens) for b in eft.backends}
+        start = {b: len(b.tokens) for b in models.backends}
 
         # Draft: the tuned model samples from its own transformed distribution, restricted to
         # the shared ids so that every draft is a valid token for all models.
@@ -132,13 +132,13 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
         t1 = time.perf_counter()
 
         # Verify: one batch per other model over the pending token and the drafts.
-        eft._run_on(verifiers, lambda b: b.eval([token, *drafts], n_logits=kk + 1))
+        models.run_on(verifiers, lambda b: b.eval([token, *drafts], n_logits=kk + 1))
         t2 = time.perf_counter()
 
         def target(i: int, tuned_row: np.ndarray) -> np.ndarray:
             rows = {drafter: tuned_row}
             rows.update({b: log_softmax(b.logits(i)) for b in verifiers})
-            return sampler.distribution(eft.combine_rows(rows, mix))
+            return sampler.distribution(models.combine_rows(rows, mix))
 
         accepted = 0
         new_token = None
@@ -157,7 +157,7 @@ def speculative_tokens(eft: "EFT", sampler: Sampler, rng: np.random.Generator, k
             new_token = draw(target(kk, log_softmax(drafter.logits())), rng)
         t3 = time.perf_counter()
 
-        for b in eft.backends:
+        for b in models.backends:
             b.trim(start[b] + 1 + accepted)
         stats.rounds += 1
         stats.drafted += kk

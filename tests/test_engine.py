@@ -225,7 +225,7 @@ def test_concurrent_equals_sequential(tiny):
     outs = []
     for concurrent in (False, True):
         with EFT(tiny["base"], tiny["tuned"], tiny["reference"], concurrent=concurrent) as eft:
-            assert (eft._pool is not None) == concurrent
+            assert (eft.model_set._pool is not None) == concurrent
             outs.append(eft.generate("a cat and a dog", temperature=0, max_tokens=25).tokens)
     assert outs[0] == outs[1]
 

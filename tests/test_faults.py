@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from eft_local import EFT, EFTError
 from eft_local.cli import LEAVE_HINT, chat_loop, main
-from eft_local.engine import Plausibility
+from eft_local.params import Plausibility
 from eft_local.interrupts import sigint_deferred
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,11 +381,11 @@ def test_explain_columns_are_the_sampled_distribution_with_plausibility():
         rows = eft.explain(QUESTION, reply="Their favourite birthplace", **kw)
         plain = eft.explain(QUESTION, reply="Their favourite birthplace")
         tokens = eft.prompt_tokens(QUESTION)["tuned"]
-        mix = eft._mix(None, Plausibility(0.3, 0.0, "base"))
+        mix = eft.model_set.mix(None, Plausibility(0.3, 0.0, "base"))
         for i, row in enumerate(rows):
             with eft._guard.take():
-                eft._run(lambda b: b.sync(tokens + [r.token for r in rows[:i]]))
-                expected = eft._combined(mix)
+                eft.model_set.run(lambda b: b.sync(tokens + [r.token for r in rows[:i]]))
+                expected = eft.model_set.combined(mix)
             assert row.combined_logprob == pytest.approx(expected[row.token], abs=1e-9) or (
                 row.combined_logprob == -np.inf and expected[row.token] == -np.inf)
     ruled_out = [r for r in rows if r.combined_prob == 0.0]

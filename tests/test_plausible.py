@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from eft_local import EFT, EFTError
 from eft_local.cli import main
 from eft_local.combine import plausible
-from eft_local.engine import Plausibility
+from eft_local.params import Plausibility
 from helpers import Fresh, recompute
 
 
@@ -38,7 +38,7 @@ def test_engine_filter_matches_recomputation(tiny, model):
             want = recompute(fresh, {r: tokens for r in fresh}, 1.0, eft.n_shared)
             comp = fresh[model].logits(tokens).astype(np.float64)[: eft.n_shared]
             eft.next_logprobs(tokens)  # every model now holds the prompt
-            got = eft._combined(eft._mix(None, Plausibility(0.5, 0.01, model)))
+            got = eft.model_set.combined(eft.model_set.mix(None, Plausibility(0.5, 0.01, model)))
             expected = plausible(want, comp - comp.max(), 0.5, 0.01)
             np.testing.assert_allclose(np.exp(got), np.exp(expected), atol=1e-4)
             support = set(np.flatnonzero(np.isfinite(expected)))
