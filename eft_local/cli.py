@@ -193,9 +193,14 @@ def model_set(recipe: str | None, base: str | None, tuned: str | None, reference
 
 
 def load(recipe: str | None, base: str | None, tuned: str | None, reference: str | None, deltas: tuple[str, ...],
-         weight: float, **engine: Any) -> EFT:
+         weight: float, parallel: int = 1, **engine: Any) -> EFT:
     base_path, pairs = model_set(recipe, base, tuned, reference, deltas, weight)
-    return EFT(base_path, deltas=pairs, **engine_kwargs(**engine))
+    return EFT(base_path, deltas=pairs, parallel=parallel, **engine_kwargs(**engine))
+
+
+parallel_option = click.option(
+    "--parallel", "-np", type=click.IntRange(1, 256), default=1, show_default=True,
+    help="Sequences decoded together in one batch (slots); --ctx-size is split over them.")
 
 
 SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "stop", "speculative", "ignore_eos",
@@ -541,10 +546,11 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 @click.option("--plot", type=click.Path(), help="Write a PNG bar chart (needs matplotlib).")
 @click.option("--match", metavar="REGEX", help="Also report the share of replies this regular expression matches.")
 @speculative_option
+@parallel_option
 @handle_errors
 def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
                  deltas: tuple[str, ...], weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
-                 output: str | None, plot: str | None, match: str | None, speculative: str | None,
+                 output: str | None, plot: str | None, match: str | None, speculative: str | None, parallel: int,
                  **engine: Any) -> None:
     """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies).
 
@@ -588,7 +594,8 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
                     bar.update(1)
 
                 result = ev.evaluate(config, items, max_tokens=max_tokens, max_words=max_words,
-                                     engine_options=engine_kwargs(**engine), speculative=speculative, match=match,
+                                     engine_options={**engine_kwargs(**engine), "parallel": parallel},
+                                     speculative=speculative, match=match,
                                      on_item=on_item)
             run.finish(result)  # rewrites --output with every finished configuration
     except KeyboardInterrupt:
@@ -617,6 +624,7 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
 @click.option("--queue", type=click.IntRange(0, 4096), default=16, show_default=True,
               help="Requests that may wait for the model; beyond them the server answers 503.")
 @click.option("--api-key", envvar="EFT_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' [env: EFT_LOCAL_API_KEY].")
+@parallel_option
 @handle_errors
 def serve(host: str, port: int, queue: int, api_key: str | None, **kwargs: Any) -> None:
     """Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health.
@@ -632,7 +640,7 @@ def serve(host: str, port: int, queue: int, api_key: str | None, **kwargs: Any) 
     check_port(host, port)
     name = served_name(kwargs["recipe"], kwargs["base"])
     with load(**kwargs) as eft:
-        app = create_app(eft, model=name, queue=queue, api_key=api_key)
+        app = create_app(eft, model=name, queue=queue, api_key=api_key, parallel=eft.parallel)
         click.echo(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
         # handlers it found: this one makes SIGTERM, like Ctrl-C, end with status 0.

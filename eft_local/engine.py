@@ -4,79 +4,26 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import openai_format
+from .batched import Batcher
 from .decode import StepTiming, plain_tokens
 from .errors import EFTError
 from .explain import TokenExplanation, explain_tokens
 from .guard import Guard, holding
 from .models import Mix, ModelSet
-from .params import Plausibility, SamplingParams, check_weight
+from .params import Plausibility, SamplingParams, check_int, check_weight
 from .prompt import Message, chat_text, chat_tokens, check_messages, plain_transcript, raw_tokens
+from .results import Chunk, Completion, token_logprobs
 from .sampling import Sampler
 from .speculative import SpecStats, speculative_tokens
 from .text import check_text
 from .textstream import TextStream
 
 DEFAULT_CTX = 4096
-
-
-@dataclass
-class Chunk:
-    """One step of a stream: the text that became safe to show and the token sampled.
-
-    The last chunk has ``token`` None, a ``finish_reason`` ("stop" or "length") and ``stats``.
-    """
-
-    text: str
-    token: int | None = None
-    finish_reason: str | None = None
-    stats: dict[str, Any] | None = None
-    logprob: float | None = None  # with ``logprobs``: the token's under the combined distribution
-    top_logprobs: list[tuple[int, float]] | None = None  # and the most likely (id, logprob) there
-
-
-@dataclass
-class Completion:
-    """A finished generation."""
-
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    stats: dict[str, Any] = field(default_factory=dict)
-    # With ``logprobs``: per token, its log-probability and the top (id, log-probability) pairs.
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """Token counts under the OpenAI API's names."""
-        prompt, completion = self.stats.get("prompt_tokens", 0), self.stats.get("completion_tokens", len(self.tokens))
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    @classmethod
-    def from_chunks(cls, chunks: Iterable[Chunk]) -> "Completion":
-        """Collect a stream into one result."""
-        text, tokens, logprobs = [], [], []
-        try:
-            for chunk in chunks:
-                text.append(chunk.text)
-                if chunk.token is not None:
-                    tokens.append(chunk.token)
-                    if chunk.logprob is not None:
-                        logprobs.append((chunk.logprob, chunk.top_logprobs or []))
-                if chunk.finish_reason is not None:
-                    return cls("".join(text), tokens, chunk.finish_reason, chunk.stats or {},
-                               logprobs if len(logprobs) == len(tokens) and tokens else None)
-        finally:
-            # Interrupted halfway, the stream lets go of the models now, not when collected.
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        raise EFTError("generation ended without a result")
 
 
 class EFT:
@@ -88,11 +35,13 @@ class EFT:
     drafts speculative tokens. Roles are named ``base``, ``tuned``, ``reference`` for the first
     delta and ``tuned2``, ``reference2``, ... for the next.
 
-    Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. One
-    instance serves one generation at a time: calls from other threads wait for the running one,
-    and a call made while this thread's own stream is unfinished raises ``EFTError``. Each model
-    keeps its KV cache between calls,
-    so a new request only evaluates the tokens after the longest common prefix. A file given in
+    Use as a context manager (or call ``close``) so the llama.cpp contexts are freed. With
+    ``parallel`` 1 an instance serves one generation at a time: calls from other threads wait
+    for the running one, and a call made while this thread's own stream is unfinished raises
+    ``EFTError``. With ``parallel`` N > 1 up to N generations (from any threads) are decoded
+    together in batches, each with its own options; speculative ones still run one at a time.
+    Each model keeps its KV cache between calls, so a new request only evaluates the tokens
+    after the longest common prefix. A file given in
     several roles that sees the same prompt is loaded and evaluated once. ``n_threads`` and
     ``n_gpu_layers`` take one value for all models or a mapping by role (``{"base": -1}``
     offloads only the large model).
@@ -112,13 +61,23 @@ class EFT:
         concurrent: bool | None = None,
         base_prompt: str = "same",
         name: str | None = None,
+        parallel: int = 1,
     ):
         # What results call the model: the base file's name, unless given.
         self.name = name or os.path.splitext(os.path.basename(os.fspath(base)))[0]
+        parallel = check_int(parallel, "parallel", 1, 256)
         pairs = ([(tuned, reference, weight)] if tuned is not None or reference is not None else []) + list(deltas)
         self._guard = Guard(self._free)
+        self._batcher: Batcher | None = None
         self.model_set = ModelSet(base, pairs, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                                   concurrent=concurrent, base_prompt=base_prompt)
+        if parallel > 1:
+            try:
+                # The slots share one more context per model, of n_ctx split over them.
+                self._batcher = Batcher(self.model_set, parallel, n_ctx)
+            except BaseException:
+                self.model_set.close()
+                raise
 
     # The model set's facts, under the names this class has always had.
     models = property(lambda self: self.model_set.models, doc="Each role's loaded model.")
@@ -177,7 +136,15 @@ class EFT:
     def closed(self) -> bool:
         return self._guard.closed
 
+    @property
+    def parallel(self) -> int:
+        """How many generations run at once (1: one at a time)."""
+        return self._batcher.n_slots if self._batcher else 1
+
     def _free(self) -> None:
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.close()
         model_set = getattr(self, "model_set", None)
         if model_set is not None:
             model_set.close()
@@ -275,7 +242,10 @@ class EFT:
         mix = self.model_set.mix(p.weights, p.plausibility)
         # Prompts are rendered and checked now, so a bad request fails at the call.
         by_role, banned = self._checked_prompts(prompt, messages, raw, p.ignore_eos)
-        return self._loop(by_role, p.sampler(banned), np.random.default_rng(p.seed), p, mix)
+        rng = np.random.default_rng(p.seed)
+        if self._batcher is not None and not p.speculative:
+            return self._batcher.submit(by_role, p, p.sampler(banned), rng, mix)
+        return self._loop(by_role, p.sampler(banned), rng, p, mix)
 
     @holding
     def _checked_prompts(self, prompt: str | None, messages: Sequence[Message] | None, raw: bool,
@@ -449,13 +419,3 @@ class EFT:
     def stream_chat(self, messages: Sequence[Message], **options: Any) -> Iterator[Chunk]:
         """Stream a reply to a chat."""
         return self.stream(messages=messages, **options)
-
-
-def token_logprobs(logp: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """The chosen token's log-probability and the ``k`` most likely (id, log-probability) pairs."""
-    top: list[tuple[int, float]] = []
-    if k:
-        ids = np.argpartition(-logp, k - 1)[:k] if k < len(logp) else np.arange(len(logp))
-        ids = ids[np.argsort(-logp[ids], kind="stable")]
-        top = [(int(i), float(logp[i])) for i in ids]
-    return float(logp[token]), top

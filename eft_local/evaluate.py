@@ -14,12 +14,13 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .engine import EFT, Completion
+from .engine import EFT, Chunk, Completion
 from .errors import EFTError
 
 MAX_WORDS = 16
@@ -76,15 +77,20 @@ class ConfigResult:
 
     @classmethod
     def from_items(cls, label: str, items: Sequence[ItemResult], n_total: int | None = None,
-                   pattern: re.Pattern | None = None) -> "ConfigResult":
-        """Scores of scored replies; fewer than ``n_total`` of them make a partial result."""
+                   pattern: re.Pattern | None = None, wall_seconds: float | None = None) -> "ConfigResult":
+        """Scores of scored replies; fewer than ``n_total`` of them make a partial result.
+
+        tokens/s is generated tokens over ``wall_seconds`` (the configuration's whole run,
+        prompts included, so that replies decoded together count once), else over the replies'
+        own generation times.
+        """
         n = len(items)
         if n == 0:
             raise EFTError(f"{label}: no replies to score")
         n_total = n if n_total is None else n_total
         partial = n < n_total
         tokens = sum(r.tokens for r in items)
-        seconds = sum(r.seconds for r in items)
+        seconds = wall_seconds if wall_seconds is not None else sum(r.seconds for r in items)
         drafted = sum(r.drafted for r in items)
         return cls(
             label=f"{label} (partial: {n}/{n_total})" if partial else label,
@@ -219,19 +225,32 @@ def evaluate(
     results = []
     with EFT(config.base, config.tuned, config.reference, weight=config.weight, deltas=config.more,
              **(engine_options or {})) as eft:
-        for item in items:
-            reply = eft.chat([{"role": "user", "content": item["prompt"]}], temperature=0, max_tokens=max_tokens,
-                             speculative=speculative)
-            followed, correct = score(reply, item["answer"], max_words)
-            result = ItemResult(
-                item["prompt"], item["answer"], reply.text, followed, correct,
-                reply.stats["completion_tokens"], reply.stats["generate_seconds"],
-                reply.stats.get("drafted", 0), reply.stats.get("accepted", 0),
-            )
-            results.append(result)
-            if on_item:
-                on_item(result)
-    return ConfigResult.from_items(config.label, results, len(items), pattern)
+
+        def ask(item: Mapping[str, str]) -> Iterator[Chunk]:
+            return eft.stream_chat([{"role": "user", "content": item["prompt"]}], temperature=0,
+                                   max_tokens=max_tokens, speculative=speculative)
+
+        start = time.perf_counter()
+        # With parallel N every question is queued at once and N are decoded together; the
+        # replies are read, and scored, in the data's order either way.
+        streams = [ask(item) for item in items] if eft.parallel > 1 and not speculative else None
+        try:
+            for i, item in enumerate(items):
+                reply = Completion.from_chunks(streams[i] if streams else ask(item))
+                followed, correct = score(reply, item["answer"], max_words)
+                result = ItemResult(
+                    item["prompt"], item["answer"], reply.text, followed, correct,
+                    reply.stats["completion_tokens"], reply.stats["generate_seconds"],
+                    reply.stats.get("drafted", 0), reply.stats.get("accepted", 0),
+                )
+                results.append(result)
+                if on_item:
+                    on_item(result)
+        finally:
+            for stream in streams or ():
+                stream.close()  # replies not read yet give up their place at once
+        wall = time.perf_counter() - start
+    return ConfigResult.from_items(config.label, results, len(items), pattern, wall_seconds=wall)
 
 
 class Run:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 from .errors import EFTError
 
 if TYPE_CHECKING:
-    from .engine import EFT, Chunk
+    from .engine import EFT
+    from .results import Chunk
     from .prompt import Message
 
 

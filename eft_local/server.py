@@ -2,9 +2,9 @@
 
 Thin by design: requests become ``SamplingParams`` and ``create_chat_completion`` /
 ``create_completion`` calls, which already return OpenAI-shaped dicts. Generations run in worker
-threads (the EFT serves one at a time; the rest wait in a bounded queue), and streamed chunks
-cross back to the event loop through an asyncio queue. A client that goes away stops its
-generation at the next token.
+threads (``--parallel`` of them decoded together by the EFT's batcher; the rest wait in a
+bounded queue), and streamed chunks cross back to the event loop through an asyncio queue. A
+client that goes away stops its generation at the next token.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def sampling_options(body: dict[str, Any], eft: EFT) -> dict[str, Any]:
 
 
 def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = None,
-               max_body: int = MAX_BODY) -> FastAPI:
-    """The app serving ``eft`` under the model id ``model``."""
-    workers = ThreadPoolExecutor(max_workers=queue + 1, thread_name_prefix="eft-serve")
+               max_body: int = MAX_BODY, parallel: int = 1) -> FastAPI:
+    """The app serving ``eft`` under the model id ``model``: ``parallel`` generations at once
+    (the EFT's slots), ``queue`` more waiting."""
+    workers = ThreadPoolExecutor(max_workers=parallel + queue, thread_name_prefix="eft-serve")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +91,7 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
         workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="eft-local", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    admission = Admission(1, queue)
+    admission = Admission(parallel, queue)
     created = int(time.time())
 
     def authorize(request: Request) -> None:

@@ -194,3 +194,34 @@ def test_float32_inputs_keep_distinct_values_distinct():
     assert out.dtype == np.float64
     assert out[2] > out[1]
     assert int(np.argmax(out)) == 2
+
+
+# -- rows of many sequences at once (the batched engine) ------------------------------------------
+
+
+def test_rows_combine_exactly_as_each_row_alone():
+    """2-D rows with per-row weights give, bit for bit, what each row gives alone, -inf included."""
+    rng = np.random.default_rng(0)
+    n_rows, n_vocab, n_shared = 5, 300, 290
+    base, t1, r1, t2, r2 = (rng.normal(size=(n_rows, n_vocab)) * 4 for _ in range(5))
+    r1[1, 7] = -np.inf  # ruled out by a reference in one row
+    t2[3, 11] = -np.inf
+    w1 = np.array([1.0, 0.5, 0.0, 2.0, -1.0])
+    w2 = np.array([0.0, 0.3, 1.0, 1.0, 0.0])
+    rows = eft_logprobs(log_softmax(base), [(log_softmax(t1), log_softmax(r1), w1),
+                                            (log_softmax(t2), log_softmax(r2), w2)], n_shared)
+    assert rows.shape == (n_rows, n_shared)
+    for i in range(n_rows):
+        alone = eft_logprobs(log_softmax(base[i]), [(log_softmax(t1[i]), log_softmax(r1[i]), w1[i]),
+                                                    (log_softmax(t2[i]), log_softmax(r2[i]), w2[i])], n_shared)
+        np.testing.assert_array_equal(rows[i], alone)
+    assert rows[1, 7] == -np.inf and rows[3, 11] == -np.inf
+    # Weight 0 in that row: the ruled-out token of the second delta does not count there.
+    assert np.isfinite(rows[0, 11]) and rows[4, 11] > -np.inf
+
+
+def test_log_softmax_rows_need_a_finite_maximum_each():
+    x = np.zeros((2, 3))
+    x[1] = -np.inf
+    with pytest.raises(ValueError, match="finite maximum"):
+        log_softmax(x)

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -70,7 +69,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--api-key", KEY, "--queue", "16")
+    s = Server("--api-key", KEY, "--queue", "16", "--parallel", "4")
     yield s
     s.stop()
 

@@ -1,0 +1,314 @@
+"""Batched EFT decoding: many requests at once, one llama_decode per model per step.
+
+A scheduler thread owns one ``MultiBackend`` (N sequence slots in one context) per distinct
+model of a ``ModelSet``. Each step it admits waiting requests into free slots (the slot whose
+cache shares the longest prefix with the request), feeds every active slot its pending token,
+or the next chunk of its prompt so that running streams keep flowing, in one decode per model,
+combines all the rows that are ready in one vectorized NumPy pass, and samples each sequence
+with its own sampler, weights, plausibility filter and seed. Requests join and leave between
+steps (continuous batching). Speculative requests do not come here: they run one at a time on
+the single-sequence contexts.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .backend import common_prefix
+from .combine import eft_logprobs, log_softmax, plausible
+from .errors import EFTError
+from .multi_backend import Feed, MultiBackend
+from .params import SamplingParams
+from .results import Chunk, token_logprobs
+from .sampling import Sampler
+from .textstream import TextStream
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .models import Mix, ModelSet
+
+# Prompt tokens one slot feeds per step: a long prompt is taken in pieces, so that the other
+# slots still get a token each step.
+PREFILL_CHUNK = 256
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One request: its prompts per model, its options, and where its generation stands."""
+
+    prompts: dict["Backend", list[int]]
+    params: SamplingParams
+    sampler: Sampler
+    rng: np.random.Generator
+    mix: "Mix"
+    text: TextStream
+    out: "queue.SimpleQueue[Chunk | BaseException]" = field(default_factory=queue.SimpleQueue)
+    slot: int = -1
+    fed: dict["Backend", int] = field(default_factory=dict)  # prompt tokens the slot holds
+    pending: int | None = None  # sampled, shown, not yet fed
+    tokens: list[int] = field(default_factory=list)
+    prompt_eval: int = 0
+    cancelled: bool = False
+    t_admitted: float = 0.0
+    t_ready: float = 0.0
+
+
+class Batcher:
+    """Continuous batching over ``models`` with ``n_slots`` sequences per model.
+
+    ``n_ctx`` is the context of each model's slots together: it is split over them, as
+    llama-server splits ``--ctx-size`` over ``--parallel``.
+    """
+
+    def __init__(self, models: "ModelSet", n_slots: int, n_ctx: int):
+        self.models = models
+        self.n_slots = n_slots
+        self.multi: dict[Backend, MultiBackend] = {}
+        try:
+            for b in models.backends:
+                self.multi[b] = MultiBackend(b, n_slots=n_slots, n_ctx=n_ctx)
+        except BaseException:
+            self._close_multis()
+            raise
+        self.slot_ctx = min(m.slot_ctx for m in self.multi.values())
+        self._waiting: deque[_Seq] = deque()
+        self._active: dict[int, _Seq] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode steps run, for tests and stats
+        self._thread = threading.Thread(target=self._serve, name="eft-batch", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side -----------------------------------------------------------------
+
+    def submit(self, by_role: dict[str, list[int]], params: SamplingParams, sampler: Sampler,
+               rng: np.random.Generator, mix: "Mix") -> "_Stream":
+        """Queue a request; its chunks arrive as the scheduler produces them."""
+        prompts = {self.models.models[role]: list(toks) for role, toks in by_role.items()}
+        longest = max(len(t) for t in prompts.values())
+        if longest >= self.slot_ctx:
+            raise EFTError(f"prompt has {longest} tokens but a slot holds {self.slot_ctx} "
+                           f"(the context split over {self.n_slots} slots, or the trained length)")
+        seq = _Seq(prompts, params, sampler, rng, mix, TextStream(params.stop))
+        with self._cond:
+            if self._closed:
+                raise EFTError("this EFT is closed")
+            self._waiting.append(seq)
+            self._cond.notify()
+        return self._chunks(seq)
+
+    @staticmethod
+    def _chunks(seq: _Seq) -> "_Stream":
+        return _Stream(seq)
+
+    def close(self) -> None:
+        """Stop the scheduler; unfinished requests end with EFTError."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._close_multis()
+
+    def _close_multis(self) -> None:
+        for m in self.multi.values():
+            m.close()
+        self.multi.clear()
+
+    # --- the scheduler ---------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - every running request learns why, the scheduler goes on
+                error = e if isinstance(e, EFTError) else EFTError(f"{type(e).__name__}: {e}")
+                for seq in list(self._active.values()):
+                    seq.out.put(error)
+                    self.multi_reset(seq.slot)
+                self._active.clear()
+        error = EFTError("this EFT is closed")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in [*self._active.values(), *waiting]:
+            seq.out.put(error)
+        self._active.clear()
+
+    def multi_reset(self, slot: int) -> None:
+        for m in self.multi.values():
+            m.reset(slot)
+
+    def step(self) -> None:
+        """Admit, decode one step for every active slot, sample the sequences that are ready."""
+        self._drop_cancelled()
+        self._admit()
+        feeds: dict[MultiBackend, list[Feed]] = {m: [] for m in self.multi.values()}
+        ready: list[_Seq] = []
+        for seq in self._active.values():
+            if seq.pending is not None:
+                for m in self.multi.values():
+                    feeds[m].append(Feed(seq.slot, [seq.pending], 1))
+                ready.append(seq)
+            elif self._prefill(seq, feeds):
+                ready.append(seq)
+        for m, fs in feeds.items():
+            if fs:
+                m.decode(fs)
+        self.steps += 1
+        if ready:
+            self._sample(ready)
+
+    def _drop_cancelled(self) -> None:
+        for slot, seq in list(self._active.items()):
+            if seq.cancelled:
+                # What the slot holds stays cached: a later request may share its prefix.
+                del self._active[slot]
+        with self._cond:
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.n_slots) if s not in self._active]
+        tuned = self.multi[self.models.models["tuned"]]
+        while free:
+            with self._cond:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            slot = tuned.best_slot(seq.prompts[tuned.backend], free)
+            free.remove(slot)
+            seq.slot = slot
+            for b, m in self.multi.items():
+                prompt = seq.prompts[b]
+                # The prompt's last token is always fed again: its row is what sampling needs.
+                keep = min(common_prefix(m.tokens[slot], prompt), len(prompt) - 1)
+                m.trim(slot, keep)
+                seq.fed[b] = keep
+            seq.t_admitted = time.perf_counter()
+            self._active[slot] = seq
+
+    def _prefill(self, seq: _Seq, feeds: dict[MultiBackend, list[Feed]]) -> bool:
+        """Feed the next piece of each model's prompt; True when every model's last row comes now.
+
+        Rows only last until the next decode, so every model feeds its last prompt token in the
+        same step: a model whose remaining prompt is short waits for the others.
+        """
+        left = {b: len(seq.prompts[b]) - seq.fed[b] for b in self.multi}
+        final = all(n <= PREFILL_CHUNK for n in left.values())
+        tuned = self.models.models["tuned"]
+        for b, m in self.multi.items():
+            n = left[b] if final else min(PREFILL_CHUNK, left[b] - 1)
+            if n <= 0:
+                continue
+            start = seq.fed[b]
+            feeds[m].append(Feed(seq.slot, seq.prompts[b][start:start + n], 1 if final else 0))
+            seq.fed[b] += n
+            if b is tuned:
+                seq.prompt_eval += n
+        return final
+
+    def _sample(self, ready: list[_Seq]) -> None:
+        """One vectorized combination for every ready sequence, then each samples on its own."""
+        ms = self.models
+        rows = {b: log_softmax(np.stack([m.logits(seq.slot) for seq in ready])) for b, m in self.multi.items()}
+        weights = np.array([seq.mix.weights for seq in ready], dtype=np.float64).reshape(len(ready), len(ms.deltas))
+        combined = eft_logprobs(
+            rows[ms.models["base"]],
+            [(rows[ms.models[t]], rows[ms.models[r]], weights[:, i]) for i, (t, r) in enumerate(ms.deltas)],
+            ms.n_shared,
+        )
+        now = time.perf_counter()
+        for i, seq in enumerate(ready):
+            logp = combined[i]
+            f = seq.mix.plausibility
+            if f.active:
+                logp = plausible(logp, rows[ms.models[f.model]][i], f.top_p, f.min_p)
+            if seq.pending is None:
+                seq.t_ready = now
+            self._take(seq, seq.sampler.sample(logp, seq.rng), logp)
+
+    def _take(self, seq: _Seq, token: int, logp: np.ndarray) -> None:
+        """Show ``token`` and decide whether the sequence goes on (as the single-sequence loop does)."""
+        tuned = self.models.models["tuned"]
+        finish = None
+        if tuned.is_eog(token):
+            finish = "stop"
+        else:
+            seq.tokens.append(token)
+            chunk = Chunk(seq.text.feed(tuned.piece(token)), token)
+            if seq.params.logprobs is not None:
+                chunk.logprob, chunk.top_logprobs = token_logprobs(logp, token, seq.params.logprobs)
+            seq.out.put(chunk)
+            if seq.text.stopped:
+                finish = "stop"
+            elif len(seq.tokens) >= seq.params.max_tokens or any(
+                len(m.tokens[seq.slot]) >= self.slot_ctx for m in self.multi.values()
+            ):
+                finish = "length"
+        if finish is None:
+            seq.pending = token
+            return
+        end = time.perf_counter()
+        generate = end - seq.t_ready
+        stats = {
+            "prompt_tokens": len(seq.prompts[tuned]),
+            "prompt_eval_tokens": seq.prompt_eval,
+            "completion_tokens": len(seq.tokens),
+            "prompt_seconds": round(seq.t_ready - seq.t_admitted, 4),
+            "generate_seconds": round(generate, 4),
+            "tokens_per_second": round(len(seq.tokens) / generate, 2) if seq.tokens and generate > 0 else 0.0,
+            "slot": seq.slot,
+        }
+        seq.out.put(Chunk(seq.text.flush(), None, finish, stats))
+        del self._active[seq.slot]
+
+
+class _Stream:
+    """A request's chunks as the scheduler produces them; ``close`` gives up its place.
+
+    An iterator object rather than a generator: closing one that was never read must still
+    tell the scheduler (a generator that never started runs no ``finally``).
+    """
+
+    def __init__(self, seq: _Seq):
+        self._seq = seq
+        self._done = False
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._done:
+            raise StopIteration
+        try:
+            item = self._seq.out.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finish_reason is not None:
+            self.close()
+        return item
+
+    def close(self) -> None:
+        """Stop reading: the scheduler frees the slot (or drops the queued request) at its next step."""
+        self._done = True
+        self._seq.cancelled = True
+
+    def __del__(self) -> None:
+        self._seq.cancelled = True
