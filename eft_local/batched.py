@@ -139,7 +139,10 @@ class Batcher:
                 error = e if isinstance(e, EFTError) else EFTError(f"{type(e).__name__}: {e}")
                 for seq in list(self._active.values()):
                     seq.out.put(error)
-                    self.multi_reset(seq.slot)
+                    try:
+                        self._reset(seq.slot)
+                    except Exception:  # noqa: BLE001 - the slot is dropped either way
+                        pass
                 self._active.clear()
         error = EFTError("this EFT is closed")
         with self._cond:
@@ -148,7 +151,8 @@ class Batcher:
             seq.out.put(error)
         self._active.clear()
 
-    def multi_reset(self, slot: int) -> None:
+    def _reset(self, slot: int) -> None:
+        """Empty ``slot`` in every model (after a failed step its contents are unknown)."""
         for m in self.multi.values():
             m.reset(slot)
 

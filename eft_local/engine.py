@@ -167,22 +167,6 @@ class EFT:
         self.model_set.run(lambda b: b.sync(tokens))
         return self.model_set.combined(mix)
 
-    def _check_tokens(self, tokens: Sequence[int]) -> None:
-        if not tokens:
-            raise EFTError("no tokens to evaluate")
-        bad = [t for t in tokens if not 0 <= t < self.n_shared]
-        if bad:
-            raise EFTError(f"token id {bad[0]} is outside the shared vocabulary [0, {self.n_shared})")
-        if len(tokens) >= self.n_ctx:
-            raise EFTError(f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; {self._ctx_hint()}")
-
-    def _ctx_hint(self) -> str:
-        """What would make room: a larger --ctx-size, unless a model's trained length is the cap."""
-        if self.n_ctx < self.requested_ctx:
-            capped = min(self.backends, key=lambda b: b.n_ctx)
-            return f"that is the trained length of {os.path.basename(capped.path)}, which no option raises"
-        return "raise --ctx-size (n_ctx)"
-
     # --- prompts ---------------------------------------------------------------------------
 
     @holding
