@@ -123,3 +123,22 @@ def test_eval_parallel_gives_the_same_results():
     assert [i.reply for i in eight.items] == [i.reply for i in one.items]
     assert (eight.format_following, eight.accuracy, eight.mean_tokens) == (one.format_following, one.accuracy,
                                                                            one.mean_tokens)
+
+
+def test_a_failed_step_ends_its_requests_and_the_batcher_goes_on(alone, monkeypatch):
+    from eft_local import multi_backend
+
+    real = multi_backend.MultiBackend.decode
+    calls = {"n": 0}
+
+    def flaky(self, feeds):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise EFTError("llama_decode failed with status -1 in base.gguf")
+        return real(self, feeds)
+
+    with demo(parallel=2) as eft:
+        monkeypatch.setattr(multi_backend.MultiBackend, "decode", flaky)
+        with pytest.raises(EFTError, match="llama_decode failed"):
+            eft.generate(QUESTIONS[1], temperature=0, ignore_eos=True, max_tokens=30)
+        assert eft.generate(QUESTIONS[0], temperature=0).text == alone[0][0]
