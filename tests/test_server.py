@@ -220,7 +220,7 @@ def test_full_queue_answers_503_then_serves_again(smollm2):
             time.sleep(0.01)
         print(f"slot freed {freed * 1000:.0f} ms after the client left")
         assert r.status_code == 200 and text[-1] == "data: [DONE]"
-        assert freed < 0.5
+        assert freed < 1.0
     finally:
         rc, err = s.stop()
     assert rc == 0, err

@@ -189,29 +189,33 @@ def test_time_limit_stops_only_the_thread_that_renders():
 
 
 def test_interrupt_swallowed_by_called_code_is_repeated():
-    """Python drops an exception that lands in a finalizer; the watchdog interrupts again."""
+    """Python drops an exception that lands in a finalizer; the watchdog interrupts again.
+
+    The hook runs past the limit and swallows the first interrupt, so only a repeated one can
+    end the render (whatever the machine's load does to the watchdog's timing).
+    """
     swallowed = []
 
     def hook() -> str:
         t0 = time.perf_counter()
-        try:
-            while time.perf_counter() - t0 < 0.05:
-                pass
-        except BaseException:
-            if swallowed:
-                raise
-            swallowed.append(time.perf_counter())
-        return ""
+        while True:
+            try:
+                while time.perf_counter() - t0 < TIME_LIMIT + 5:
+                    pass
+                return "never stopped"
+            except BaseException:
+                if swallowed:
+                    raise
+                swallowed.append(time.perf_counter())
 
     messages = [{"role": "user", "content": "hi", "hook": hook}]
     t0 = time.perf_counter()
     with pytest.raises(EFTError) as e:
-        ChatTemplate("{% for i in range(100000) %}{{ messages[0].hook() }}{% endfor %}", "model.gguf").render(
-            messages, bos="", eos="")
+        ChatTemplate("{{ messages[0].hook() }}", "model.gguf").render(messages, bos="", eos="")
     elapsed = time.perf_counter() - t0
     assert str(e.value) == f"chat template of model.gguf: {TOO_LONG}"
     assert len(swallowed) == 1
-    assert TIME_LIMIT + 0.05 < elapsed < TIME_LIMIT + 1
+    assert TIME_LIMIT <= elapsed < TIME_LIMIT + 3
 
 
 def test_huge_product_is_refused_before_it_runs():
