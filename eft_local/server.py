@@ -15,6 +15,7 @@ import hmac
 import json
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -137,11 +138,27 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
         if not body.get("stream"):
             admission.leave()
             return JSONResponse(result)
-        return StreamingResponse(sse(result), media_type="text/event-stream",
+
+        def give_back() -> None:
+            try:
+                result.close()
+            finally:
+                admission.leave()
+
+        release = Once(give_back)
+        started = threading.Event()
+        body_iterator = sse(result, release, started)
+        # A client gone before the response starts never runs the generator: its place in the
+        # admission count and its stream are given back when the generator is collected. Once
+        # started, the worker thread gives them back itself (the stream may still be running).
+        weakref.finalize(body_iterator, lambda: None if started.is_set() else release())
+        return StreamingResponse(body_iterator, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def sse(events: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async def sse(events: Iterator[dict[str, Any]], release: Callable[[], None],
+                  started: threading.Event) -> AsyncIterator[bytes]:
         """Server-sent events from a chunk iterator that a worker thread advances."""
+        started.set()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -158,8 +175,7 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 loop.call_soon_threadsafe(queue.put_nowait, APIError(500, f"{type(e).__name__}: {e}", kind="server_error"))
             finally:
-                events.close()  # lets go of the models, whether finished or stopped
-                admission.leave()
+                release()  # lets go of the models and the admission place, finished or stopped
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
         worker = loop.run_in_executor(workers, produce)
@@ -224,6 +240,20 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
         return APIError(400, str(e)).response()
 
     return app
+
+
+class Once:
+    """A callable that runs ``fn`` the first time it is called, from any thread, and never again."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn: Callable[[], Any] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 def text_content(content: Any) -> Any:
