@@ -242,6 +242,15 @@ def chat_session(mode: str, n_signals: int, seed: int) -> tuple[int, str, str]:
     # At weight 0 the base rambles on to -n tokens: long replies for Ctrl-C to land in.
     lines = [*QUESTIONS, QUESTION, "/weight 0", "/weight 0", "/weight 1", "/reset", "/delta 1 weight 1", "hello"]
     for i in range(n_signals):
+        if i < 3:
+            # First, signals that land inside a long reply: the base alone rambles on for
+            # 100 tokens, and the signal follows the question closely.
+            proc.stdin.write(f"/weight 0\n{QUESTION}\n".encode())
+            proc.stdin.flush()
+            time.sleep(0.03)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            continue
         # A line before each signal keeps the session busy, so signals land in replies and
         # commands as well as at the prompt.
         proc.stdin.write((rng.choice(lines) + "\n").encode())
