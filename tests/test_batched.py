@@ -58,9 +58,19 @@ def test_concurrent_requests_get_what_each_gets_alone(alone):
             t.start()
         for t in threads:
             t.join(timeout=120)
-        steps = eft._batcher.steps
     assert [got[i] for i in range(len(REQUESTS))] == alone
-    # Decoded together: far fewer steps than tokens.
+
+
+def test_requests_queued_at_once_share_steps(alone):
+    """All requests queued before any is read: each still gets its own tokens, in far fewer
+    decode steps than tokens."""
+    from eft_local.results import Completion
+
+    with demo(parallel=4) as eft:
+        streams = [eft.stream(q, **kw) for q, kw in REQUESTS]
+        got = [Completion.from_chunks(s) for s in streams]
+        steps = eft._batcher.steps
+    assert [(r.text, r.tokens, r.finish_reason) for r in got] == alone
     assert steps < 0.8 * sum(len(tokens) + 1 for _, tokens, _ in alone)
 
 
