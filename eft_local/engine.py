@@ -16,7 +16,7 @@ from .explain import TokenExplanation, explain_tokens
 from .guard import Guard, holding
 from .models import Mix, ModelSet
 from .params import Plausibility, SamplingParams, check_int, check_weight
-from .prompt import Message, chat_text, chat_tokens, check_messages, plain_transcript, raw_tokens
+from .prompt import Message, chat_prompt, chat_tokens, check_messages, plain_transcript, raw_tokens
 from .results import Chunk, Completion, token_logprobs
 from .sampling import Sampler
 from .speculative import SpecStats, speculative_tokens
@@ -371,10 +371,7 @@ class EFT:
             return prompt, True
         if messages is None:
             messages = [{"role": "user", "content": prompt}]
-        if self.chat_template is None:
-            return plain_transcript(messages), True
-        tuned = self.models["tuned"]
-        return chat_text(tuned, self.chat_template, messages), False
+        return chat_prompt(self.models["tuned"], self.chat_template, messages)
 
     def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         """Generate a whole reply; takes the same arguments as ``stream``."""

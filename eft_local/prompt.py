@@ -39,9 +39,16 @@ def chat_tokens(model: Backend, template: ChatTemplate | None, messages: Sequenc
     The template writes BOS itself, so none is added; special tokens in it are parsed. A
     model without a template gets the plain transcript.
     """
+    text, add_bos = chat_prompt(model, template, messages)
+    return raw_tokens(model, text) if add_bos else model.tokenize(text, add_bos=False, special=True)
+
+
+def chat_prompt(model: Backend, template: ChatTemplate | None, messages: Sequence[Message]) -> tuple[str, bool]:
+    """The text a chat turn is tokenized from, and whether BOS is added to it (only to the
+    plain transcript of a model without a template: a template writes BOS itself)."""
     if template is None:
-        return raw_tokens(model, plain_transcript(messages))
-    return model.tokenize(chat_text(model, template, messages), add_bos=False, special=True)
+        return plain_transcript(messages), True
+    return chat_text(model, template, messages), False
 
 
 def chat_text(model: Backend, template: ChatTemplate, messages: Sequence[Message]) -> str:
