@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backend import common_prefix
-from .combine import eft_logprobs, log_softmax, plausible
+from .combine import log_softmax
 from .errors import EFTError
 from .multi_backend import Feed, MultiBackend
 from .params import SamplingParams
@@ -226,20 +226,10 @@ class Batcher:
 
     def _sample(self, ready: list[_Seq]) -> None:
         """One vectorized combination for every ready sequence, then each samples on its own."""
-        ms = self.models
         rows = {b: log_softmax(np.stack([m.logits(seq.slot) for seq in ready])) for b, m in self.multi.items()}
-        weights = np.array([seq.mix.weights for seq in ready], dtype=np.float64).reshape(len(ready), len(ms.deltas))
-        combined = eft_logprobs(
-            rows[ms.models["base"]],
-            [(rows[ms.models[t]], rows[ms.models[r]], weights[:, i]) for i, (t, r) in enumerate(ms.deltas)],
-            ms.n_shared,
-        )
+        combined = self.models.combine_rows(rows, [seq.mix for seq in ready])
         now = time.perf_counter()
-        for i, seq in enumerate(ready):
-            logp = combined[i]
-            f = seq.mix.plausibility
-            if f.active:
-                logp = plausible(logp, rows[ms.models[f.model]][i], f.top_p, f.min_p)
+        for seq, logp in zip(ready, combined):
             if seq.pending is None:
                 seq.t_ready = now
             self._take(seq, seq.sampler.sample(logp, seq.rng), logp)

@@ -169,20 +169,31 @@ class ModelSet:
         """Combined log-probabilities at every model's last evaluated position."""
         return self.combine_rows({b: log_softmax(b.logits()) for b in self.backends}, mix)
 
-    def combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix) -> np.ndarray:
+    def combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix | Sequence[Mix]) -> np.ndarray:
         """The distribution tokens are sampled from at one position (before the sampler's own
         filters), from each distinct model's log-probabilities there: the EFT combination, then
         the plausibility filter. Generation, speculative verification and ``explain`` all use it.
+
+        The batched decoder passes 2-D rows, one per sequence, and one Mix per row; each row
+        comes out as it would alone.
         """
         m = self.models
+        if isinstance(mix, Mix):
+            weights, filters = mix.weights, [mix.plausibility]
+        else:
+            weights = np.array([x.weights for x in mix], dtype=np.float64).reshape(len(mix), len(self.deltas)).T
+            filters = [x.plausibility for x in mix]
         combined = eft_logprobs(
             logp[m["base"]],
-            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, mix.weights)],
+            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, weights)],
             self.n_shared,
         )
-        f = mix.plausibility
-        if f.active:
-            combined = plausible(combined, logp[m[f.model]], f.top_p, f.min_p)
+        for i, f in enumerate(filters):
+            if f.active:
+                if combined.ndim == 1:
+                    combined = plausible(combined, logp[m[f.model]], f.top_p, f.min_p)
+                else:
+                    combined[i] = plausible(combined[i], logp[m[f.model]][i], f.top_p, f.min_p)
         return combined
 
     def end_tokens(self) -> tuple[int, ...]:
