@@ -26,9 +26,8 @@ from .combine import log_softmax
 from .errors import EFTError
 from .multi_backend import Feed, MultiBackend
 from .params import SamplingParams
-from .results import Chunk, token_logprobs
+from .results import Chunk, Reply
 from .sampling import Sampler
-from .textstream import TextStream
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -48,12 +47,11 @@ class _Seq:
     sampler: Sampler
     rng: np.random.Generator
     mix: "Mix"
-    text: TextStream
+    reply: Reply
     out: "queue.SimpleQueue[Chunk | BaseException]" = field(default_factory=queue.SimpleQueue)
     slot: int = -1
     fed: dict["Backend", int] = field(default_factory=dict)  # prompt tokens the slot holds
     pending: int | None = None  # sampled, shown, not yet fed
-    tokens: list[int] = field(default_factory=list)
     prompt_eval: int = 0
     cancelled: bool = False
     t_admitted: float = 0.0
@@ -96,7 +94,7 @@ class Batcher:
         if longest >= self.slot_ctx:
             raise EFTError(f"prompt has {longest} tokens but a slot holds {self.slot_ctx} "
                            f"(the context split over {self.n_slots} slots, or the trained length)")
-        seq = _Seq(prompts, params, sampler, rng, mix, TextStream(params.stop))
+        seq = _Seq(prompts, params, sampler, rng, mix, Reply(self.models.models["tuned"], params))
         with self._cond:
             if self._closed:
                 raise EFTError("this EFT is closed")
@@ -235,38 +233,20 @@ class Batcher:
             self._take(seq, seq.sampler.sample(logp, seq.rng), logp)
 
     def _take(self, seq: _Seq, token: int, logp: np.ndarray) -> None:
-        """Show ``token`` and decide whether the sequence goes on (as the single-sequence loop does)."""
-        tuned = self.models.models["tuned"]
-        finish = None
-        if tuned.is_eog(token):
-            finish = "stop"
-        else:
-            seq.tokens.append(token)
-            chunk = Chunk(seq.text.feed(tuned.piece(token)), token)
-            if seq.params.logprobs is not None:
-                chunk.logprob, chunk.top_logprobs = token_logprobs(logp, token, seq.params.logprobs)
+        """Show ``token`` and decide whether the sequence goes on."""
+        chunk = seq.reply.take(token, logp)
+        if chunk is not None:
             seq.out.put(chunk)
-            if seq.text.stopped:
-                finish = "stop"
-            elif len(seq.tokens) >= seq.params.max_tokens or any(
-                len(m.tokens[seq.slot]) >= self.slot_ctx for m in self.multi.values()
-            ):
-                finish = "length"
+        finish = seq.reply.finish
+        if finish is None and any(len(m.tokens[seq.slot]) >= self.slot_ctx for m in self.multi.values()):
+            finish = "length"
         if finish is None:
             seq.pending = token
             return
-        end = time.perf_counter()
-        generate = end - seq.t_ready
-        stats = {
-            "prompt_tokens": len(seq.prompts[tuned]),
-            "prompt_eval_tokens": seq.prompt_eval,
-            "completion_tokens": len(seq.tokens),
-            "prompt_seconds": round(seq.t_ready - seq.t_admitted, 4),
-            "generate_seconds": round(generate, 4),
-            "tokens_per_second": round(len(seq.tokens) / generate, 2) if seq.tokens and generate > 0 else 0.0,
-            "slot": seq.slot,
-        }
-        seq.out.put(Chunk(seq.text.flush(), None, finish, stats))
+        seq.out.put(seq.reply.end(
+            finish, prompt_tokens=len(seq.prompts[self.models.models["tuned"]]), prompt_eval_tokens=seq.prompt_eval,
+            prompt_seconds=seq.t_ready - seq.t_admitted, generate_seconds=time.perf_counter() - seq.t_ready,
+            slot=seq.slot))
         del self._active[seq.slot]
 
 

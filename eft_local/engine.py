@@ -17,11 +17,10 @@ from .guard import Guard, holding
 from .models import Mix, ModelSet
 from .params import Plausibility, SamplingParams, check_int, check_weight
 from .prompt import Message, chat_prompt, chat_tokens, check_messages, plain_transcript, raw_tokens
-from .results import Chunk, Completion, token_logprobs
+from .results import Chunk, Completion, Reply
 from .sampling import Sampler
 from .speculative import SpecStats, speculative_tokens
 from .text import check_text
-from .textstream import TextStream
 
 DEFAULT_CTX = 4096
 
@@ -254,8 +253,7 @@ class EFT:
         before the last chunk, so a caller that stops reading there keeps nothing locked.
         """
         tuned = self.models["tuned"]
-        text = TextStream(params.stop)
-        tokens: list[int] = []
+        reply = Reply(tuned, params)
         speculative = params.speculative
         guard = self._guard
         with guard.take():
@@ -275,41 +273,21 @@ class EFT:
                 else:
                     timing = StepTiming()
                     source = plain_tokens(self.model_set, sampler, rng, mix, timing)
-                finish = "length"
                 for token, logp in source:
                     if guard.closed:
                         raise EFTError("this EFT is closed")
-                    if tuned.is_eog(token):
-                        finish = "stop"
-                        break
-                    tokens.append(token)
-                    piece = text.feed(tuned.piece(token))
-                    chunk = Chunk(piece, token)
-                    if params.logprobs is not None:
-                        chunk.logprob, chunk.top_logprobs = token_logprobs(logp, token, params.logprobs)
-                    yield chunk
-                    if text.stopped:
-                        finish = "stop"
-                        break
-                    if len(tokens) >= params.max_tokens:
+                    chunk = reply.take(token, logp)
+                    if chunk is not None:
+                        yield chunk
+                    if reply.finish:
                         break
             finally:
                 if source is not None:
                     source.close()
                 guard.leave()
-        tail = text.flush()
-        t2 = time.perf_counter()
-        stats = {
-            "prompt_tokens": len(prompts[tuned]),
-            # Fewer than prompt_tokens when the models' caches already held the start.
-            "prompt_eval_tokens": prompt_eval,
-            "completion_tokens": len(tokens),
-            "prompt_seconds": round(t1 - t0, 4),
-            "generate_seconds": round(t2 - t1, 4),
-            "tokens_per_second": round(len(tokens) / (t2 - t1), 2) if tokens and t2 > t1 else 0.0,
-            **timing.summary(),
-        }
-        yield Chunk(tail, None, finish, stats)
+        # A token source that runs out has filled the context.
+        yield reply.end(reply.finish or "length", prompt_tokens=len(prompts[tuned]), prompt_eval_tokens=prompt_eval,
+                        prompt_seconds=t1 - t0, generate_seconds=time.perf_counter() - t1, **timing.summary())
 
     def explain(
         self,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from .errors import EFTError
+from .textstream import TextStream
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .params import SamplingParams
 
 
 @dataclass
@@ -72,3 +77,47 @@ def token_logprobs(logp: np.ndarray, token: int, k: int) -> tuple[float, list[tu
         ids = ids[np.argsort(-logp[ids], kind="stable")]
         top = [(int(i), float(logp[i])) for i in ids]
     return float(logp[token]), top
+
+
+class Reply:
+    """A reply as it is built token by token, the same way by every decoder: the text safe to
+    show (whole characters, stop strings held back), the tokens, and why it ended."""
+
+    def __init__(self, tuned: "Backend", params: "SamplingParams"):
+        self.tuned = tuned
+        self.params = params
+        self.text = TextStream(params.stop)
+        self.tokens: list[int] = []
+        self.finish: str | None = None  # set when the reply ends ("stop" or "length")
+
+    def take(self, token: int, logp: np.ndarray | None) -> Chunk | None:
+        """The chunk to show for ``token`` (None for an end-of-generation token, which ends the
+        reply); ``logp`` is the distribution it was drawn from, for ``logprobs``."""
+        if self.tuned.is_eog(token):
+            self.finish = "stop"
+            return None
+        self.tokens.append(token)
+        chunk = Chunk(self.text.feed(self.tuned.piece(token)), token)
+        if self.params.logprobs is not None:
+            chunk.logprob, chunk.top_logprobs = token_logprobs(logp, token, self.params.logprobs)
+        if self.text.stopped:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.params.max_tokens:
+            self.finish = "length"
+        return chunk
+
+    def end(self, finish: str, *, prompt_tokens: int, prompt_eval_tokens: int, prompt_seconds: float,
+            generate_seconds: float, **extra: Any) -> Chunk:
+        """The last chunk: what text was held back, ``finish`` and the stats."""
+        n = len(self.tokens)
+        stats = {
+            "prompt_tokens": prompt_tokens,
+            # Fewer than prompt_tokens when the models' caches already held the start.
+            "prompt_eval_tokens": prompt_eval_tokens,
+            "completion_tokens": n,
+            "prompt_seconds": round(prompt_seconds, 4),
+            "generate_seconds": round(generate_seconds, 4),
+            "tokens_per_second": round(n / generate_seconds, 2) if n and generate_seconds > 0 else 0.0,
+            **extra,
+        }
+        return Chunk(self.text.flush(), None, finish, stats)
