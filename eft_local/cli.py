@@ -244,13 +244,9 @@ def read_prompt(prompt: str | None) -> str:
     if prompt is None:
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on standard input")
-        data = sys.stdin.buffer.read()
-        prompt = data.decode("utf-8", errors="replace")
-        replaced = prompt.encode("utf-8") != data
-    else:
-        prompt, replaced = replace_undecodable(prompt)
-    if replaced:
-        click.echo(f"warning: {UNDECODABLE}", err=True)
+        # Read as bytes: Python's text reader would fail on them, or smuggle them in escaped.
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    prompt = clean_arg(prompt)
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
     return prompt
