@@ -252,6 +252,39 @@ def bench_set(name: str, model_args: list[str], model: str, requests: int, max_t
           flush=True)
 
 
+def ceiling(path: Path, slots: int = 8) -> tuple[float, float]:
+    """llama.cpp's own aggregate tokens/s for 1 and ``slots`` sequences per decode (bench/multi_decode.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from multi_decode import Backend, MultiBackend, Feed, time_steps
+
+    backend = Backend(str(path), n_ctx=256, n_threads=1)
+    multi = MultiBackend(backend, n_slots=slots, n_ctx=slots * 256, n_threads=1)
+    try:
+        multi.decode([Feed(s, list(range(100, 132)), 1) for s in range(slots)])
+        time_steps(multi, slots, 2, 32)
+        one = statistics.median(time_steps(multi, 1, 8, 32) for _ in range(3))
+        many = statistics.median(time_steps(multi, slots, 8, 32) for _ in range(3))
+        return one, many
+    finally:
+        multi.close()
+        backend.close()
+
+
+def realistic_set(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from speculative import build
+
+    paths, _ = build(Path.home() / ".cache" / "eft-local" / "bench")
+    one, many = ceiling(paths["base"])
+    print(f"\n## llama.cpp's own batching on this host ({paths['base'].name}, --threads 1): 1 sequence per decode "
+          f"{one:.1f} tokens/s, 8 sequences {many:.1f} tokens/s: {many / one:.2f}x (the ceiling for 8 clients)",
+          flush=True)
+    model_args = ["--base", str(paths["base"]), "--tuned", str(paths["tuned"]), "--reference", str(paths["reference"])]
+    bench_set("realistic triple (1.7B-shaped base, 135M-shaped tuned and reference, random Q4_0)", model_args,
+              paths["base"].stem, args.realistic_requests, args.realistic_max_tokens, 1, args.eval_limit_realistic)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=16, help="chat requests per client (demo)")
@@ -260,12 +293,22 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M in all three roles")
     parser.add_argument("--smollm2-requests", type=int, default=4)
     parser.add_argument("--eval-limit-smollm2", type=int, default=24, help="eval items for SmolLM2 (0: all)")
+    parser.add_argument("--realistic", action="store_true",
+                        help="also the realistic triple of bench/speculative.py (a): 1.7B-shaped base, 135M-shaped "
+                             "tuned and reference, random Q4_0 weights; with llama.cpp's own batching ceiling")
+    parser.add_argument("--realistic-requests", type=int, default=2)
+    parser.add_argument("--realistic-max-tokens", type=int, default=32)
+    parser.add_argument("--eval-limit-realistic", type=int, default=16, help="eval items for the realistic triple")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo triple")
     args = parser.parse_args()
     t0 = time.perf_counter()
     print(f"host: {os.cpu_count()} CPUs; every model --threads 1")
-    bench_set("demo triple", [], "demo", args.requests, args.max_tokens, args.rounds, None)
+    if not args.no_demo:
+        bench_set("demo triple", [], "demo", args.requests, args.max_tokens, args.rounds, None)
+    if args.realistic:
+        realistic_set(args)
     if args.smollm2:
-        smol = ["-b", str(SMOL), "-t", str(SMOL), "-r", str(SMOL)]
+        smol = ["--base", str(SMOL), "--tuned", str(SMOL), "--reference", str(SMOL)]
         bench_set("SmolLM2-135M-Instruct Q4_1 in all three roles", smol, SMOL.stem, args.smollm2_requests,
                   32, args.rounds, args.eval_limit_smollm2 or None)
     print(f"\ntotal run time: {time.perf_counter() - t0:.0f} s")

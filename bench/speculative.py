@@ -161,8 +161,12 @@ def section_a(paths: dict[str, Path], tokens: int) -> None:
         runs = {}
         for role, path in paths.items():
             runs[role] = stack.enter_context(closing(Alone(path, tokens)))
-        runs["EFT sequential"] = eft_runner(stack.enter_context(open_eft(paths)), tokens)
+        eft = stack.enter_context(open_eft(paths))
+        runs["EFT sequential"] = eft_runner(eft, tokens)
         runs["EFT concurrent"] = eft_runner(stack.enter_context(open_eft(paths, concurrent=True)), tokens)
+        runs["EFT weight 0"] = lambda: eft.generate(PROMPT, raw=True, temperature=0, max_tokens=tokens,
+                                                    ignore_eos=True, weights=[0.0]).stats
+        runs["EFT speculative auto"] = eft_runner(eft, tokens, speculative="auto")
         res = interleaved(runs)
     # 1/(t_base + t_tuned + t_reference) from the single-model runs of the same round.
     res["ideal"] = [{"tokens_per_second": 1 / sum(1 / r["tokens_per_second"] for r in rnd)}
@@ -175,6 +179,14 @@ def section_a(paths: dict[str, Path], tokens: int) -> None:
         overhead = median([(st["generate_seconds"] - st["forward_seconds"]) / st["generate_seconds"] for st in res[label]])
         click.echo(f"| {label} | {tps(res[label]):.2f} | {ratio(res, label, 'base'):.2f} | {ratio(res, label, 'ideal'):.2f} | "
                    f"{overhead:.1%} |")
+    # At weight 0 only the base runs; "auto" measures plain steps too and turns drafts off when they do not pay.
+    click.echo(f"\n| fast path | tokens/s | vs base alone | vs EFT sequential |\n|---|---|---|---|")
+    click.echo(f"| EFT weight 0 | {tps(res['EFT weight 0']):.2f} | {ratio(res, 'EFT weight 0', 'base'):.2f} | "
+               f"{ratio(res, 'EFT weight 0', 'EFT sequential'):.2f} |")
+    auto = median_by(res["EFT speculative auto"], lambda r: r["tokens_per_second"])
+    click.echo(f"| EFT --speculative auto ({auto['plain_steps']} plain steps, {auto['rounds']} draft rounds) | "
+               f"{tps(res['EFT speculative auto']):.2f} | {ratio(res, 'EFT speculative auto', 'base'):.2f} | "
+               f"{ratio(res, 'EFT speculative auto', 'EFT sequential'):.2f} |")
 
 
 def section_spec(title: str, paths: dict[str, Path], tokens: int, ks: list) -> list[tuple]:
@@ -198,7 +210,8 @@ def section_spec(title: str, paths: dict[str, Path], tokens: int, ks: list) -> l
     for k in ks:
         st = median_by(res[k], lambda r: r["tokens_per_second"])
         points.append((k, ratio(res, k, "EFT")))
-        click.echo(f"| speculative K={k} | {tps(res[k]):.2f} | {ratio(res, k, 'EFT'):.2f} | {ratio(res, k, 'base'):.2f} | "
+        label = f"K={k}" if k != "auto" else f"auto ({st['plain_steps']} plain steps, {st['rounds']} draft rounds)"
+        click.echo(f"| speculative {label} | {tps(res[k]):.2f} | {ratio(res, k, 'EFT'):.2f} | {ratio(res, k, 'base'):.2f} | "
                    f"{st['acceptance_rate']:.0%} | {st['accepted_per_round']:.2f} |")
     return [("EFT", 1.0), ("base", ratio(res, "base", "EFT")), *points]
 
@@ -222,7 +235,8 @@ def section_demo(paths: dict[str, Path], ks: list, n_items: int = 40) -> list[tu
         r = ev.evaluate(ev.parse_config("eft", models), items, engine_options=opts, speculative=k)
         points.append((k, r.tokens_per_second))
         click.echo(f"| speculative K={k} | {r.tokens_per_second:.0f} | {r.tokens_per_second / plain.tokens_per_second:.2f} | "
-                   f"{r.tokens_per_second / base:.2f} | {r.acceptance_rate:.0f}% | {r.accuracy:.1f} |")
+                   f"{r.tokens_per_second / base:.2f} | {'-' if r.acceptance_rate is None else f'{r.acceptance_rate:.0f}%'} | "
+                   f"{r.accuracy:.1f} |")
     return [("EFT", plain.tokens_per_second), ("base", base), *points]
 
 

@@ -32,17 +32,21 @@ class StepTiming:
 
 def plain_tokens(models: "ModelSet", sampler: Sampler, rng: np.random.Generator, mix: "Mix",
                  timing: StepTiming) -> Iterator[tuple[int, np.ndarray]]:
-    """After a prefill, yield each token with the combined distribution it was drawn from."""
+    """After a prefill, yield each token with the combined distribution it was drawn from.
+
+    Only the models ``mix`` reads are evaluated (at weight 0: the base alone).
+    """
+    needed = models.needed(mix)
     while True:
         t0 = time.perf_counter()
         logp = models.combined(mix)
         token = sampler.sample(logp, rng)
         timing.combine_seconds += time.perf_counter() - t0
         yield token, logp
-        if any(len(b.tokens) >= b.n_ctx for b in models.backends):
+        if any(len(b.tokens) >= b.n_ctx for b in needed):
             return
         t1 = time.perf_counter()
         # One deferral for all models' one-token decodes (each would otherwise swap handlers).
         with sigint_deferred():
-            models.run(lambda b: b.eval([token]))
+            models.run_on(needed, lambda b: b.eval([token]))
         timing.forward_seconds += time.perf_counter() - t1

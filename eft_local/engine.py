@@ -261,10 +261,13 @@ class EFT:
             source = None
             try:
                 prompts = {self.models[role]: toks for role, toks in by_role.items()}
+                # Speculation drafts with the tuned model, so it runs every model.
+                running = self.backends if speculative else self.model_set.needed(mix)
+                counted = tuned if tuned in running else self.models["base"]
                 t0 = time.perf_counter()
-                evaluated = tuned.n_evaluated
-                self.model_set.run(lambda b: b.sync(prompts[b]))
-                prompt_eval = tuned.n_evaluated - evaluated
+                evaluated = counted.n_evaluated
+                self.model_set.run_on(running, lambda b: b.sync(prompts[b]))
+                prompt_eval = counted.n_evaluated - evaluated
                 t1 = time.perf_counter()
                 if speculative:
                     timing = SpecStats()

@@ -56,6 +56,7 @@ class ModelSet:
         if not pairs:
             raise EFTError("give a tuned and a reference model (or deltas)")
         self.base_prompt = base_prompt
+        self.draft_tuner = None  # speculative.DraftTuner of ``speculative="auto"``, kept across calls
         self._end_tokens: tuple[int, ...] | None = None
         paths = {"base": os.fspath(base)}
         self.deltas: list[tuple[str, str]] = []
@@ -165,9 +166,20 @@ class ModelSet:
         for f in futures:
             f.result()
 
+    def needed(self, mix: Mix) -> list[Backend]:
+        """The models ``mix`` reads: the base, each delta with a non-zero weight, the plausibility
+        filter's model. At weight 0 on every delta only the base runs; a model left out falls
+        behind and catches up at the next prefill that needs it (``Backend.sync``).
+        """
+        roles = ["base"] + [role for pair, w in zip(self.deltas, mix.weights) if w != 0 for role in pair]
+        if mix.plausibility.active:
+            roles.append(mix.plausibility.model)
+        keep = {id(self.models[role]) for role in roles}
+        return [b for b in self.backends if id(b) in keep]
+
     def combined(self, mix: Mix) -> np.ndarray:
-        """Combined log-probabilities at every model's last evaluated position."""
-        return self.combine_rows({b: log_softmax(b.logits()) for b in self.backends}, mix)
+        """Combined log-probabilities at the last evaluated position of the models ``mix`` reads."""
+        return self.combine_rows({b: log_softmax(b.logits()) for b in self.needed(mix)}, mix)
 
     def combine_rows(self, logp: Mapping[Backend, np.ndarray], mix: Mix | Sequence[Mix]) -> np.ndarray:
         """The distribution tokens are sampled from at one position (before the sampler's own
@@ -183,9 +195,10 @@ class ModelSet:
         else:
             weights = np.array([x.weights for x in mix], dtype=np.float64).reshape(len(mix), len(self.deltas)).T
             filters = [x.plausibility for x in mix]
+        # A delta weighted 0 everywhere adds nothing, and its models may not have run.
         combined = eft_logprobs(
             logp[m["base"]],
-            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, weights)],
+            [(logp[m[t]], logp[m[r]], w) for (t, r), w in zip(self.deltas, weights) if np.any(w)],
             self.n_shared,
         )
         for i, f in enumerate(filters):

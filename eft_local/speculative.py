@@ -35,6 +35,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    plain_steps: int = 0  # steps without drafts (``auto`` found they did not pay)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     combine_seconds: float = 0.0
@@ -46,6 +47,7 @@ class SpecStats:
             "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
             "accepted_per_round": round(self.accepted / self.rounds, 3) if self.rounds else 0.0,
             "rounds": self.rounds,
+            "plain_steps": self.plain_steps,
             "mean_draft_length": round(self.drafted / self.rounds, 2) if self.rounds else 0.0,
             "draft_seconds": round(self.draft_seconds, 4),
             "verify_seconds": round(self.verify_seconds, 4),
@@ -56,22 +58,39 @@ class SpecStats:
 class DraftTuner:
     """``--speculative auto``: pick the draft length with the lowest measured time per token.
 
-    Each round's seconds per emitted token updates an average for its k; the tuner tries the
-    untried neighbours of the best k, then settles on the best. Cost is measured rather than
-    modelled because it depends on the machine (how much a batch of k costs the large model).
+    k = 0 is a plain step (no drafts), measured first, so speculation turns itself off when no
+    draft length pays. Each round's seconds per emitted token updates an average for its k; the
+    tuner tries the untried neighbours of the best k, then settles on the best, and every
+    ``PROBE`` rounds measures the best's neighbour again (acceptance changes along a reply).
+    Cost is measured rather than modelled because it depends on the machine (how much a batch
+    of k costs the large model) and on how well the tuned model predicts this reply.
     """
 
+    PROBE = 16
+
     def __init__(self, k: int = 4):
-        self.k = k
+        self.k = 0
+        self.start = k
         self.cost: dict[int, float] = {}
+        self.rounds = 0
 
     def update(self, seconds: float, emitted: int) -> int:
         """Record a round of the current k; return the k for the next round."""
         c = seconds / max(emitted, 1)
         self.cost[self.k] = c if self.k not in self.cost else 0.7 * self.cost[self.k] + 0.3 * c
+        self.rounds += 1
+        if self.start not in self.cost:
+            self.k = self.start
+            return self.k
         best = min(self.cost, key=self.cost.__getitem__)
-        untried = [n for n in (best + 1, best - 1) if 1 <= n <= MAX_DRAFT and n not in self.cost]
-        self.k = untried[0] if untried else best
+        near = [n for n in (best + 1, best - 1) if 0 <= n <= MAX_DRAFT]
+        untried = [n for n in near if n not in self.cost]
+        if untried:
+            self.k = untried[0]
+        elif self.rounds % self.PROBE == 0:
+            self.k = near[(self.rounds // self.PROBE) % len(near)]
+        else:
+            self.k = best
         return self.k
 
 
@@ -87,12 +106,16 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def speculative_tokens(models: "ModelSet", sampler: Sampler, rng: np.random.Generator, k: int | None,
                        mix: "Mix", stats: SpecStats) -> Iterator[int]:
-    """Yield EFT tokens after a prefill, drafting ``k`` at a time (None: adapt k).
+    """Yield EFT tokens after a prefill, drafting ``k`` at a time (None: adapt k, 0 included).
 
     Every model's cache is rolled back to the accepted prefix after each round.
     """
-    tuner = DraftTuner() if k is None else None
-    k = tuner.k if tuner else k
+    tuner = None
+    if k is None:
+        # One tuner per model set: what a draft length costs on this machine carries over from
+        # one call to the next, so short replies do not each pay for the search.
+        tuner = models.draft_tuner = models.draft_tuner or DraftTuner()
+        k = tuner.k
     drafter = models.models["tuned"]
     plaus = mix.plausibility
     filter_drafts = plaus.active and plaus.model == "tuned"
@@ -109,6 +132,20 @@ def speculative_tokens(models: "ModelSet", sampler: Sampler, rng: np.random.Gene
         if room < 0:
             return
         kk = max(0, min(k, room, MAX_DRAFT))
+        if kk == 0:
+            # A plain step: every model evaluates the pending token, one token is sampled.
+            t0 = time.perf_counter()
+            models.run(lambda b: b.eval([token]))
+            t1 = time.perf_counter()
+            token = sampler.sample(models.combined(mix), rng)
+            t2 = time.perf_counter()
+            stats.plain_steps += 1
+            stats.verify_seconds += t1 - t0
+            stats.combine_seconds += t2 - t1
+            if tuner:
+                k = tuner.update(t2 - t0, 1)
+            yield token
+            continue
         start = {b: len(b.tokens) for b in models.backends}
 
         # Draft: the tuned model samples from its own transformed distribution, restricted to

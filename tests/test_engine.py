@@ -293,3 +293,30 @@ def test_bad_token_ids_and_messages(eft):
         eft.chat([{"role": "wizard", "content": "hi"}])
     with pytest.raises(EFTError):
         eft.chat([])
+
+
+def test_weight_zero_runs_only_the_base_and_the_others_catch_up(tiny):
+    """At weight 0 the tuned and reference models are not evaluated; when the weight becomes
+    non-zero again (chat's /weight) they catch up on the whole conversation, and the reply is
+    what a fresh EFT gives for it."""
+    chat = [{"role": "user", "content": "Hello world"}]
+    with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=1024) as e, \
+            EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=1024) as ref:
+        counts = {role: e.models[role].n_evaluated for role in ROLES}
+        zero = e.chat(chat, temperature=0, max_tokens=12, weights=[0.0])
+        after = {role: e.models[role].n_evaluated for role in ROLES}
+        assert after["base"] > counts["base"]
+        assert after["tuned"] == counts["tuned"] and after["reference"] == counts["reference"]
+        assert zero.stats["prompt_eval_tokens"] > 0
+        # The base alone, greedy: each token is the base's argmax after the tokens before it.
+        prompt = e.prompt_tokens(messages=chat)["base"]
+        for i, token in enumerate(zero.tokens):
+            assert token == int(np.argmax(e.next_logprobs(prompt + zero.tokens[:i], weights=[0.0])))
+
+        turn2 = chat + [{"role": "assistant", "content": zero.text}, {"role": "user", "content": "and then?"}]
+        got = e.chat(turn2, temperature=0, max_tokens=12, weights=[1.0])
+        want = ref.chat(turn2, temperature=0, max_tokens=12, weights=[1.0])
+        assert got.tokens == want.tokens
+        assert e.models["tuned"].n_evaluated > after["tuned"]
+        # Not trivially equal: the delta changes this reply.
+        assert got.tokens != ref.chat(turn2, temperature=0, max_tokens=12, weights=[0.0]).tokens

@@ -53,7 +53,7 @@ def test_greedy_is_token_identical(eft, k):
         assert spec.tokens == plain.tokens
         assert spec.text == plain.text
         assert spec.finish_reason == plain.finish_reason
-        assert spec.stats["rounds"] > 0
+        assert spec.stats["rounds"] + spec.stats["plain_steps"] > 0
         assert 0 <= spec.stats["accepted"] <= spec.stats["drafted"]
 
 
@@ -151,6 +151,11 @@ def test_stats_and_validation(eft):
     for key in ("acceptance_rate", "accepted_per_round", "drafted", "accepted", "rounds",
                 "draft_seconds", "verify_seconds", "combine_sample_seconds"):
         assert key in out.stats
+    # "auto" measured plain steps (k = 0) and drafts, and keeps what it learnt for the next call.
+    tuner = eft.model_set.draft_tuner
+    assert {0, 4} <= set(tuner.cost) and out.stats["plain_steps"] >= 1
+    again = eft.generate("Hello world", temperature=0, max_tokens=10, speculative="auto")
+    assert eft.model_set.draft_tuner is tuner and again.tokens == out.tokens
     plain = eft.generate("Hello world", temperature=0, max_tokens=10, speculative=0)
     assert "rounds" not in plain.stats and "forward_seconds" in plain.stats
     for bad in (17, -1, "fast", 2.5):
@@ -167,3 +172,18 @@ def test_ignore_eos_always_reaches_max_tokens(eft, speculative):
                            seed=seed, ignore_eos=True, speculative=speculative)
         assert len(out.tokens) == 120 and out.finish_reason == "length"
         assert not ends & set(out.tokens)
+
+
+def test_draft_tuner_turns_speculation_off_when_drafts_do_not_pay():
+    """Simulated costs: a plain step takes 1 and emits 1 token; a round of k takes 1 + k and emits
+    2 tokens (drafts cost as much as the large model's step and one in k is accepted)."""
+    tuner = DraftTuner(4)
+    assert tuner.k == 0  # the first round measures plain decoding
+    ks = []
+    for _ in range(64):
+        k = tuner.k
+        ks.append(k)
+        tuner.update(1.0 if k == 0 else 1 + k, 1 if k == 0 else 2)
+    assert ks[1] == 4
+    # Settled on plain steps, apart from a re-measure of k = 1 every PROBE rounds.
+    assert ks[-20:].count(0) >= 18 and set(ks[-20:]) <= {0, 1}
