@@ -6,65 +6,54 @@ needs: evaluate tokens, read logits at a position, trim the cache to n tokens, v
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import os
-import sys
-from typing import Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import llama_cpp
 import numpy as np
 
 from .errors import EFTError
 from .interrupts import sigint_deferred
+from .log import llama_log_scope, llama_verbose, load_error, model_load
 from .template import llama_cpp_templates_deferred
 
 # A piece longer than this comes back as a negative length and is retried with a larger buffer.
 _PIECE_BUF = 256
 
 
-# ggml_log_level values (ggml.h): an error, and the continuation of the previous message.
-_LOG_ERROR = 4
-_LOG_CONT = 5
-
-# The latest llama.cpp log messages as (level, text): llama-cpp-python sends llama.cpp's
-# stderr to /dev/null while it loads a model, so this is where a refused file's reason is
-# found. deque.append is atomic, so threads that log at once do no harm.
-_recent_log: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
+# llama-cpp-python builds a model's parameters itself; a load with its own device list swaps
+# their defaults for the length of that load, one load at a time.
+_devices_lock = threading.Lock()
 
 
-@llama_cpp.llama_log_callback
-def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    message = text.decode("utf-8", errors="replace")
-    _recent_log.append((level, message))
-    # llama.cpp logs some notices even with verbose=False; a chat in a terminal should not
-    # show them. EFT_LOCAL_DEBUG=1 brings them back.
-    if os.environ.get("EFT_LOCAL_DEBUG"):
-        sys.stderr.write(message)
+@contextmanager
+def model_devices(devices: Sequence[int] | None) -> Iterator[object]:
+    """Inside the block, ``llama_cpp.Llama`` loads its model onto exactly ``devices`` (ggml
+    device handles), not onto every registered device; None changes nothing.
 
+    Yields the NULL-terminated array llama.cpp reads, which must outlive the load.
+    """
+    if devices is None:
+        yield None
+        return
+    array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
 
-def _logged_error() -> str | None:
-    """llama.cpp's own last error message since the log was cleared, as one line."""
-    errors: list[str] = []
-    for level, message in list(_recent_log):
-        if level == _LOG_CONT and errors:
-            errors[-1] += message
-        elif level == _LOG_ERROR:
-            errors.append(message)
-    lines = [line.strip() for e in errors for line in e.splitlines() if line.strip()]
-    # The loader's closing "failed to load model" says nothing the caller does not know.
-    lines = [line for line in lines if not line.endswith("failed to load model")]
-    if not lines:
-        return None
-    # "llama_model_load: error loading model: <reason>": the function name is noise to a user.
-    reason = lines[-1]
-    prefix = "error loading model: "
-    if prefix in reason:
-        reason = reason.split(prefix, 1)[1]
-    return reason
+    def params() -> llama_cpp.llama_model_params:
+        p = default()
+        p.devices = ctypes.cast(array, ctypes.c_void_p)
+        return p
 
-
-llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
+    with _devices_lock:
+        module.llama_model_default_params = params
+        try:
+            yield array
+        finally:
+            module.llama_model_default_params = default
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -90,17 +79,16 @@ class Backend:
         n_batch: int = 512,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        devices: Sequence[int] | None = None,
     ):
+        """``devices``: the ggml devices the offloaded layers go to (default: every one
+        registered in this process)."""
         self.path = os.fspath(path)
         threads = n_threads or os.cpu_count() or 1
-        # verbose=True stops llama-cpp-python from sending llama.cpp's stderr to /dev/null
-        # during the load, so EFT_LOCAL_DEBUG=1 shows the load log through _log.
-        debug = bool(os.environ.get("EFT_LOCAL_DEBUG"))
-        _recent_log.clear()
         try:
             # llama-cpp-python would compile the file's chat templates here, unbounded; eft-local
             # renders them itself, within limits (template.py).
-            with llama_cpp_templates_deferred():
+            with model_load(), llama_cpp_templates_deferred(), model_devices(devices) as self._devices:
                 self.llm = llama_cpp.Llama(
                     model_path=self.path,
                     n_ctx=n_ctx,
@@ -110,11 +98,11 @@ class Backend:
                     n_threads_batch=threads,
                     n_gpu_layers=n_gpu_layers,
                     logits_all=False,
-                    verbose=debug,
+                    verbose=llama_verbose(),
                 )
         except (ValueError, RuntimeError) as e:
             # llama-cpp-python only says "Failed to load model from file"; llama.cpp's log says why.
-            reason = _logged_error()
+            reason = load_error()
             raise EFTError(f"cannot load {self.path}: " + (f"llama.cpp: {reason}" if reason else str(e))) from None
         self.ctx = self.llm.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -160,7 +148,7 @@ class Backend:
 
     def _decode(self, chunk: Sequence[int], first_output: int) -> None:
         # Ctrl-C waits until the token list records what the cache now holds.
-        with sigint_deferred():
+        with sigint_deferred(), llama_log_scope():
             self._decode_chunk(chunk, first_output)
 
     def _decode_chunk(self, chunk: Sequence[int], first_output: int) -> None:
@@ -273,4 +261,5 @@ class Backend:
             self._batch = None
         llm, self.llm = self.llm, None
         if llm is not None:
-            llm.close()
+            with llama_log_scope():
+                llm.close()

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,17 +15,20 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import click
 
+from .cli_rpc import rpc_option, rpc_server
 from .engine import DEFAULT_CTX, EFT, Chunk, Completion
 from .models import BASE_PROMPTS, delta_roles
 from .errors import EFTError
 from . import evaluate as ev
+from .log import llama_log_scope, llama_logger
 from .params import DEFAULTS
 from .template import render_sample
 from .text import replace_undecodable
 from .vocab import check_vocabularies, read_vocab
 
-# Re-raise unexpected exceptions with their traceback when set (for debugging).
+# Like --verbose, and unexpected exceptions are re-raised with their traceback (for debugging).
 DEBUG_ENV = "EFT_LOCAL_DEBUG"
+VERBOSE = "eft_local.verbose"  # key in click's context meta, set by --verbose
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -33,13 +37,78 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+class UsageError(click.UsageError):
+    """A usage error shown as one ``error: ...`` line (exit status 2)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _remember_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[VERBOSE] = True
+
+
+VERBOSE_DECLS = ("--verbose", "-v")
+VERBOSE_ATTRS: dict[str, Any] = dict(is_flag=True, expose_value=False, callback=_remember_verbose,
+                                     help="Show llama.cpp's log and eft-local's debug messages on stderr.")
+verbose_option = click.option(*VERBOSE_DECLS, **VERBOSE_ATTRS)
+
+
+class StderrLog(logging.Handler):
+    """eft-local's log on stderr: each warning once, as one ``warning: ...`` line; with
+    --verbose also debug messages and llama.cpp's own lines, as llama.cpp wrote them."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__(logging.DEBUG if verbose else logging.WARNING)
+        self.verbose = verbose
+        self._shown: set[tuple[int, str]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(record.getMessage().splitlines())
+            if record.name == llama_logger.name or record.name.startswith(llama_logger.name + "."):
+                if self.verbose:
+                    click.echo(message, err=True)
+                return
+            # Loading the same models again (eval's configurations) repeats their notes.
+            if (record.levelno, message) not in self._shown:
+                self._shown.add((record.levelno, message))
+                click.echo(f"{record.levelname.lower()}: {message}", err=True)
+        except Exception:  # noqa: BLE001 - logging's own policy for a failing handler
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def stderr_logging(verbose: bool) -> Iterator[None]:
+    """For one command: the ``eft_local`` log on stderr, llama.cpp's log routed to it."""
+    logger = logging.getLogger("eft_local")
+    handler = StderrLog(verbose)
+    level = logger.level
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        # The whole command is eft-local's: every llama.cpp message in it is ours to route.
+        with llama_log_scope():
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def handle_errors(f: Callable) -> Callable:
-    """Turn library errors into ``error: ...`` on stderr and exit status 1, never a traceback."""
+    """Turn library errors into ``error: ...`` on stderr and exit status 1, never a traceback.
+
+    The command runs with eft-local's log on stderr (see ``stderr_logging``).
+    """
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context(silent=True)
+        verbose = bool(os.environ.get(DEBUG_ENV)) or bool(ctx is not None and ctx.meta.get(VERBOSE))
         try:
-            return f(*args, **kwargs)
+            with stderr_logging(verbose):
+                return f(*args, **kwargs)
         except EFTError as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -81,10 +150,11 @@ def model_options(f: Callable) -> Callable:
     """The three models: a recipe, explicit paths, or both (paths win)."""
     for decorator in reversed(
         [
-            click.option("--recipe", "-m", help="Named model set from models/recipes.toml [default: demo, the bundled triple]."),
-            click.option("--base", "-b", type=click.Path(dir_okay=False), help="Large pre-trained model (GGUF)."),
-            click.option("--tuned", "-t", type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
-            click.option("--reference", "-r", type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
+            click.option("--recipe", help="Named model set from models/recipes.toml [default: demo, the bundled triple]."),
+            click.option("--base", "--model", "-m", "base", type=click.Path(dir_okay=False),
+                         help="Large pre-trained model (GGUF): the model being steered."),
+            click.option("--tuned", type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
+            click.option("--reference", type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
             click.option("--delta", "-d", "deltas", multiple=True, metavar="TUNED:REFERENCE[:WEIGHT]",
                          help="A fine-tuning delta (repeatable); replaces --tuned/--reference/--weight."),
         ]
@@ -95,6 +165,7 @@ def model_options(f: Callable) -> Callable:
 
 def resolve_models(recipe: str | None, base: str | None, tuned: str | None, reference: str | None) -> dict[str, str]:
     """Paths of the models to use: explicit paths, the rest from the recipe (default: demo)."""
+    check_base_path(base)
     explicit = {role: p for role, p in (("base", base), ("tuned", tuned), ("reference", reference)) if p}
     if len(explicit) == 3 and recipe is None:
         return explicit
@@ -105,6 +176,21 @@ def resolve_models(recipe: str | None, base: str | None, tuned: str | None, refe
     return {**models, **explicit}
 
 
+def check_base_path(base: str | None) -> None:
+    """A recipe's name given as -m/--model (llama.cpp's spelling for the model file) is a
+    usage error that names --recipe, not a missing file."""
+    if base is None or os.path.exists(base) or os.path.basename(base) != base:
+        return
+    from .recipes import load_recipes
+
+    try:
+        names = load_recipes()
+    except EFTError:
+        return  # a broken recipes file is reported where recipes are used
+    if base in names:
+        raise UsageError(f"-m/--model takes the base model's GGUF file; for the recipe {base!r} use --recipe {base}")
+
+
 def engine_options(f: Callable) -> Callable:
     """How the models are combined and run."""
     for decorator in reversed(
@@ -112,9 +198,11 @@ def engine_options(f: Callable) -> Callable:
             click.option("--weight", "-w", type=float, default=1.0, show_default=True, help="Weight of the fine-tuning delta (0: base model alone)."),
             click.option("--base-prompt", type=click.Choice(BASE_PROMPTS), default="same", show_default=True, help="same: every model sees the chat template; plain: base and reference see a plain transcript."),
             click.option("--ctx-size", "-c", type=int, default=DEFAULT_CTX, show_default=True, help="Context size per model (capped at each model's trained length)."),
-            click.option("--threads", type=PerRole(), default=None, help="CPU threads per model, or per role: base=2,tuned=1 [default: all cores, split when concurrent]."),
-            click.option("--gpu-layers", "-ngl", type=PerRole(), default="0", show_default=True, help="Layers to offload to the GPU per model (-1: all), or per role: base=-1,tuned=0."),
+            click.option("--threads", "-t", type=PerRole(), default=None, help="CPU threads per model, or per role: base=2,tuned=1 [default: all cores, split when concurrent]."),
+            click.option("--gpu-layers", "--n-gpu-layers", "-ngl", "gpu_layers", type=PerRole(), default="0", show_default=True,
+                         help="Layers to offload to the GPU per model (-1: all), or per role: base=-1,tuned=0."),
             click.option("--concurrent/--sequential", default=None, help="Run the three forward passes in threads or one after another [default: sequential]."),
+            rpc_option,
         ]
     ):
         f = decorator(f)
@@ -122,8 +210,11 @@ def engine_options(f: Callable) -> Callable:
 
 
 speculative_option = click.option(
-    "--speculative", metavar="K|auto", default=None,
-    help="Speculative decoding: the tuned model drafts K tokens per verification ('auto' adapts K). Same output distribution.")
+    "--speculative", metavar="K|auto|off", default=None,
+    help="Speculative decoding: the tuned model drafts K tokens per verification ('auto' adapts K; 0 or 'off': "
+         "plain decoding, the default). Same output distribution.")
+
+system_option = click.option("--system", "--system-prompt", "-sys", "system", help="System message that starts the conversation.")
 
 
 def sampling_options(f: Callable) -> Callable:
@@ -135,7 +226,8 @@ def sampling_options(f: Callable) -> Callable:
             click.option("--top-p", type=float, default=DEFAULTS.top_p, show_default=True, help="1 disables."),
             click.option("--min-p", type=float, default=DEFAULTS.min_p, show_default=True, help="0 disables."),
             click.option("--seed", "-s", type=int, default=None, help="Random seed (same seed, same output; -1: random)."),
-            click.option("--max-tokens", "-n", type=int, default=DEFAULTS.max_tokens, show_default=True, help="Most tokens to generate."),
+            click.option("--max-tokens", "--n-predict", "-n", "max_tokens", type=int, default=DEFAULTS.max_tokens, show_default=True,
+                         help="Most tokens to generate."),
             click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
             speculative_option,
             click.option("--ignore-eos", is_flag=True, help="Never sample the end tokens (always --max-tokens tokens)."),
@@ -152,23 +244,62 @@ def sampling_options(f: Callable) -> Callable:
 
 
 def engine_kwargs(base_prompt: str, ctx_size: int, threads: int | dict[str, int] | None,
-                  gpu_layers: int | dict[str, int], concurrent: bool | None) -> dict[str, Any]:
+                  gpu_layers: int | dict[str, int], concurrent: bool | None, rpc: str | None = None) -> dict[str, Any]:
     """EFT keyword arguments from the engine options."""
     return dict(base_prompt=base_prompt, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers,
-                concurrent=concurrent)
+                concurrent=concurrent, rpc=rpc)
 
 
 def parse_delta(spec: str) -> tuple[str, str, float]:
-    """``TUNED:REFERENCE[:WEIGHT]`` (weight 1 when left out)."""
-    parts = spec.split(":")
-    if len(parts) == 3:
-        try:
-            return parts[0], parts[1], float(parts[2])
-        except ValueError:
-            pass
-    elif len(parts) == 2:
-        return parts[0], parts[1], 1.0
-    raise click.BadParameter(f"{spec!r} is not TUNED:REFERENCE[:WEIGHT]", param_hint="--delta")
+    """``TUNED:REFERENCE[:WEIGHT]`` (weight 1 when left out).
+
+    Paths may contain ':' (``C:\\models\\x.gguf``, ``./a:b.gguf``): the reading whose two paths
+    are existing files wins; when no reading names two existing files, a ':' right after a
+    drive letter belongs to its path and every other ':' separates.
+    """
+    found = set()
+    for rest, weight in _weight_readings(spec):
+        for i, char in enumerate(rest):
+            if char == ":" and os.path.exists(rest[:i]) and os.path.exists(rest[i + 1:]):
+                found.add((rest[:i], rest[i + 1:], weight))
+    if len(found) == 1:
+        return found.pop()
+    if found:
+        ways = " or ".join(f"{t!r} and {r!r} (weight {w:g})" for t, r, w in sorted(found))
+        raise UsageError(f"--delta {spec!r} is ambiguous: it reads as {ways}")
+    parts = split_at_colons(spec)
+    weight = _number(parts[-1]) if len(parts) == 3 else 1.0
+    if len(parts) in (2, 3) and parts[0] and parts[1] and weight is not None:
+        return parts[0], parts[1], weight
+    raise UsageError(f"--delta {spec!r} is not TUNED:REFERENCE[:WEIGHT] (WEIGHT a number; a path with ':' must exist)")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _weight_readings(spec: str) -> Iterator[tuple[str, float]]:
+    """``spec`` without a weight, and split before a trailing ``:WEIGHT`` if it ends in one."""
+    yield spec, 1.0
+    rest, colon, last = spec.rpartition(":")
+    weight = _number(last)
+    if colon and weight is not None:
+        yield rest, weight
+
+
+def split_at_colons(spec: str) -> list[str]:
+    """Split at every ':' but one after a drive letter (``C:\\`` or ``C:/`` starting a path)."""
+    parts, start = [], 0
+    for i, char in enumerate(spec):
+        drive = i - start == 1 and spec[start].isascii() and spec[start].isalpha() and spec[i + 1:i + 2] in ("\\", "/")
+        if char == ":" and not drive:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return parts
 
 
 def model_set(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
@@ -184,8 +315,9 @@ def model_set(recipe: str | None, base: str | None, tuned: str | None, reference
         # --weight scales the recipe's first delta, as it does the one-delta form.
         pairs = [(models[t], models[r], w * (weight if i == 0 else 1.0)) for i, (t, r, w) in enumerate(named)]
         return models["base"], pairs
+    check_base_path(base)
     if tuned or reference:
-        raise click.UsageError("--delta replaces --tuned/--reference: give one form")
+        raise UsageError("--delta replaces --tuned/--reference: give one form")
     parsed = [parse_delta(d) for d in deltas]
     if base is None:
         base = resolve_models(recipe, None, None, None)["base"]
@@ -243,12 +375,12 @@ def read_prompt(prompt: str | None) -> str:
     """
     if prompt is None:
         if sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT or pipe one on standard input")
+            raise UsageError("give a PROMPT or pipe one on standard input")
         # Read as bytes: Python's text reader would fail on them, or smuggle them in escaped.
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     prompt = clean_arg(prompt)
     if not prompt.strip():
-        raise click.UsageError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     return prompt
 
 
@@ -257,15 +389,24 @@ def read_prompt(prompt: str | None) -> str:
 @model_options
 @engine_options
 @sampling_options
+@system_option
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@verbose_option
 @handle_errors
-def generate(prompt: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
+def generate(prompt: str | None, system: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
     """Reply to PROMPT (read from standard input when omitted)."""
+    if raw and system is not None:
+        raise UsageError("--system needs the chat template: leave out --raw, or write the system text into the prompt")
     prompt = read_prompt(prompt)
+    system = clean_arg(system)
     engine_kw, sample_kw = split_options(kwargs)
     with load(**engine_kw) as eft:
-        chunks = eft.stream(prompt, raw=raw, **sample_kw)
+        if system is None:
+            chunks = eft.stream(prompt, raw=raw, **sample_kw)
+        else:
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+            chunks = eft.stream(messages=messages, **sample_kw)
         if as_json:
             reply = Completion.from_chunks(chunks)
             result = {**dataclasses.asdict(reply), "usage": reply.usage}
@@ -291,12 +432,14 @@ def write_stream(chunks: Iterable[Chunk], out: TextIO) -> str:
 @model_options
 @engine_options
 @sampling_options
-@click.option("--system", help="System message that starts the conversation.")
+@system_option
+@verbose_option
 @handle_errors
 def chat(system: str | None, **kwargs: Any) -> None:
     """Chat in the terminal: /reset clears the conversation, /exit (or Ctrl-D) leaves.
 
-    Ctrl-C stops the reply in progress and keeps the conversation.
+    Ctrl-C stops the reply in progress and keeps the conversation. At a terminal, lines can be
+    edited and earlier ones recalled with the arrow keys (kept in memory only).
     """
     engine_kw, sample_kw = split_options(kwargs)
     system = clean_arg(system)
@@ -305,8 +448,23 @@ def chat(system: str | None, **kwargs: Any) -> None:
     reconfigure = getattr(sys.stdin, "reconfigure", None)
     if reconfigure is not None:
         reconfigure(errors="surrogateescape")
+    enable_line_editing()
     with load(**engine_kw) as eft:
         chat_loop(eft, sample_kw, system=system)
+
+
+def enable_line_editing() -> None:
+    """Line editing and history for ``input()`` at a terminal, as readline gives them.
+
+    Importing the module is what switches it on; its history stays in memory (nothing calls
+    ``write_history_file``). Piped input needs none of it, so readline is left alone there.
+    """
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Python built without it (Windows)
+        pass
 
 
 HELP = ("commands: /reset clears the conversation, /weight W sets the delta's weight, /delta N weight W "
@@ -443,6 +601,7 @@ def weight_command(eft: Any, text: str) -> str:
 @click.option("--reply", help="Score this reply instead of generating one.")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every token's numbers.")
+@verbose_option
 @handle_errors
 def explain(prompt: str | None, reply: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
     """Show, token by token, what each model and the fine-tuning delta contributed to a reply.
@@ -494,6 +653,7 @@ def parse_weight_command(text: str) -> tuple[int, float]:
 
 @main.command()
 @model_options
+@verbose_option
 @handle_errors
 def check(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
           deltas: tuple[str, ...]) -> None:
@@ -513,7 +673,8 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
             f"bos {v.bos_id}, eos {v.eos_id}, add_bos {v.add_bos}, "
             f"chat template {'yes' if v.chat_template else 'no'}"
         )
-    report = check_vocabularies(infos)
+    # The notes are part of this report, on standard output, rather than warnings.
+    report = check_vocabularies(infos, log_notes=False)
     for note in report.notes:
         click.echo(f"note: {note}")
     if not infos["tuned"].chat_template:
@@ -533,7 +694,7 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
               help="A configuration to run (repeatable): a model name (base, tuned, reference, oracle, ...) or "
                    "path alone; eft or eft@W for the triple; LABEL=BASE,TUNED,REFERENCE[,W] for any triple. "
                    "[default: base, tuned, eft]")
-@click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="Most tokens per reply.")
+@click.option("--max-tokens", "--n-predict", "-n", "max_tokens", type=int, default=32, show_default=True, help="Most tokens per reply.")
 @click.option("--max-words", type=int, default=ev.MAX_WORDS, show_default=True, help="Longest reply that still counts as a short answer.")
 @click.option("--limit", type=int, default=None, help="Use only the first N items.")
 # Output paths are checked by eval itself, for a one-line error before any model loads.
@@ -543,6 +704,7 @@ def check(recipe: str | None, base: str | None, tuned: str | None, reference: st
 @click.option("--match", metavar="REGEX", help="Also report the share of replies this regular expression matches.")
 @speculative_option
 @parallel_option
+@verbose_option
 @handle_errors
 def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
                  deltas: tuple[str, ...], weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
@@ -564,7 +726,7 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
         if path and os.path.exists(path) and os.path.exists(data) and os.path.samefile(path, data):
             raise EFTError(f"cannot write {path}: it is the data file")
     if deltas:
-        raise click.UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
+        raise UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
     ev.compile_match(match)  # a bad pattern fails before the models load
     items = ev.load_items(data)[:limit]
     models = resolve_models(recipe, base, tuned, reference)
@@ -621,6 +783,7 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
               help="Requests that may wait for the model; beyond them the server answers 503.")
 @click.option("--api-key", envvar="EFT_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' [env: EFT_LOCAL_API_KEY].")
 @parallel_option
+@verbose_option
 @handle_errors
 def serve(host: str, port: int, queue: int, api_key: str | None, **kwargs: Any) -> None:
     """Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health.
@@ -678,5 +841,6 @@ def check_port(host: str, port: int) -> None:
 # Registered last: cli_models imports handle_errors from this module.
 from .cli_models import models, pull  # noqa: E402
 
-main.add_command(pull)
-main.add_command(models)
+for command in (pull, models, rpc_server):
+    command.params.append(click.Option(VERBOSE_DECLS, **VERBOSE_ATTRS))
+    main.add_command(command)

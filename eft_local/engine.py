@@ -43,7 +43,9 @@ class EFT:
     after the longest common prefix. A file given in
     several roles that sees the same prompt is loaded and evaluated once. ``n_threads`` and
     ``n_gpu_layers`` take one value for all models or a mapping by role (``{"base": -1}``
-    offloads only the large model).
+    offloads only the large model). ``rpc`` (``"host:port,host:port"`` or a list) puts the base
+    model's layers on llama.cpp RPC servers (all of them unless ``n_gpu_layers`` gives the base a
+    number); the other models stay in this process.
     """
 
     def __init__(
@@ -61,15 +63,19 @@ class EFT:
         base_prompt: str = "same",
         name: str | None = None,
         parallel: int = 1,
+        rpc: str | Sequence[str] | None = None,
     ):
         # What results call the model: the base file's name, unless given.
         self.name = name or os.path.splitext(os.path.basename(os.fspath(base)))[0]
         parallel = check_int(parallel, "parallel", 1, 256)
+        if rpc is not None and parallel > 1:
+            # The slots share contexts made in this process, and an RPC base lives in another.
+            raise EFTError("parallel slots need the base model in this process; they do not work with rpc yet")
         pairs = ([(tuned, reference, weight)] if tuned is not None or reference is not None else []) + list(deltas)
         self._guard = Guard(self._free)
         self._batcher: Batcher | None = None
         self.model_set = ModelSet(base, pairs, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                                  concurrent=concurrent, base_prompt=base_prompt)
+                                  concurrent=concurrent, base_prompt=base_prompt, rpc=rpc)
         if parallel > 1:
             try:
                 # The slots share one more context per model, of n_ctx split over them.

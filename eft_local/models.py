@@ -21,6 +21,7 @@ from .combine import eft_logprobs, log_softmax, plausible
 from .errors import EFTError
 from .interrupts import sigint_deferred
 from .params import Plausibility, check_weight
+from .rpc import RPCBackend, parse_endpoints, require_rpc
 from .template import ChatTemplate
 from .vocab import VocabReport, check_vocabularies, read_vocab
 
@@ -43,12 +44,13 @@ class ModelSet:
 
     Roles are ``base``, ``tuned``, ``reference`` for the first delta and ``tuned2``,
     ``reference2``, ... for the next. A file in several roles with the same view (``base_prompt``
-    "plain" gives base and references a plain transcript) is loaded and evaluated once.
+    "plain" gives base and references a plain transcript) is loaded and evaluated once. With
+    ``rpc`` the base runs on llama.cpp RPC servers (``rpc.RPCBackend``).
     """
 
     def __init__(self, base: str | os.PathLike, pairs: Sequence[Sequence[Any]], *, n_ctx: int,
                  n_threads: int | Mapping[str, int] | None, n_gpu_layers: int | Mapping[str, int],
-                 concurrent: bool | None, base_prompt: str):
+                 concurrent: bool | None, base_prompt: str, rpc: str | Sequence[str] | None = None):
         if base_prompt not in BASE_PROMPTS:
             raise EFTError(f"base_prompt must be one of {BASE_PROMPTS}, got {base_prompt!r}")
         if n_ctx < 8:
@@ -87,6 +89,11 @@ class ModelSet:
         for role, n in gpu_layers.items():
             if n < -1:
                 raise EFTError(f"n_gpu_layers must be -1 (all) or more, got {n} for {role}")
+        # On RPC servers the base gets all its layers there unless n_gpu_layers says how many.
+        self.rpc = None if rpc is None else parse_endpoints(rpc)
+        if self.rpc:
+            require_rpc()
+            gpu_layers["base"] = gpu_layers["base"] or -1
         self._pool: ThreadPoolExecutor | None = None
         self._backends: dict[tuple[str, str], Backend] = {}
         self.models: dict[str, Backend] = {}
@@ -96,9 +103,12 @@ class ModelSet:
             for role in self.roles:
                 if keys[role] not in self._backends:
                     ctx = min(n_ctx, self.vocabs[role].context_length or n_ctx)
-                    self._backends[keys[role]] = Backend(
-                        paths[role], n_ctx=ctx, n_threads=threads[role], n_gpu_layers=gpu_layers[role]
-                    )
+                    if role == "base" and self.rpc:
+                        model = RPCBackend(paths[role], self.rpc, n_ctx=ctx, n_threads=threads[role],
+                                           n_gpu_layers=gpu_layers[role])
+                    else:
+                        model = Backend(paths[role], n_ctx=ctx, n_threads=threads[role], n_gpu_layers=gpu_layers[role])
+                    self._backends[keys[role]] = model
                 self.models[role] = self._backends[keys[role]]
                 if self.models[role].n_vocab != self.vocabs[role].n_vocab:
                     raise EFTError(

@@ -31,6 +31,7 @@ import numpy as np
 from .backend import Backend, common_prefix
 from .errors import EFTError
 from .interrupts import sigint_deferred
+from .log import llama_log_scope
 
 
 class Feed(NamedTuple):
@@ -82,7 +83,8 @@ class MultiBackend:
         params.kv_unified = False
         params.n_threads = params.n_threads_batch = threads
         params.embeddings = False
-        self.ctx = llama_cpp.llama_init_from_model(backend.llm.model, params)
+        with llama_log_scope():
+            self.ctx = llama_cpp.llama_init_from_model(backend.llm.model, params)
         if not self.ctx:
             raise EFTError(f"cannot make a {n_slots}-slot context of {params.n_ctx} for {backend.path}")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -195,7 +197,7 @@ class MultiBackend:
 
     def _decode(self, chunk: Sequence[tuple[int, int]], first_output: int) -> None:
         # Ctrl-C waits until the token lists record what the cache now holds.
-        with sigint_deferred():
+        with sigint_deferred(), llama_log_scope():
             b = self._batch
             n_past = {}
             for i, (slot, tok) in enumerate(chunk):
@@ -319,7 +321,8 @@ class MultiBackend:
             self._batch = None
         ctx, self.ctx = self.ctx, None
         if ctx:
-            llama_cpp.llama_free(ctx)
+            with llama_log_scope():
+                llama_cpp.llama_free(ctx)
         if self._owns_backend:
             self._owns_backend = False
             self.backend.close()

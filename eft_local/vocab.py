@@ -5,6 +5,7 @@ Checked from GGUF metadata alone, so an incompatible set fails before any weight
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import numpy as np
 
 from .errors import EFTError
 from .gguf_meta import read_metadata
+
+_log = logging.getLogger(__name__)
 
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_UNUSED = 5
@@ -98,19 +101,22 @@ def default_add_bos(path: str, tokenizer_model: str) -> bool:
     asked with a vocabulary-only load (no weights). Where it refuses the file, its
     per-tokenizer default stands in.
     """
-    # The backend module installs the log callback that keeps llama.cpp quiet.
-    from .backend import llama_cpp
+    import llama_cpp
+
+    from .log import llama_log_scope
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    with llama_log_scope():  # llama.cpp's messages about the file go to eft-local's log
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
     if not model:
         return _DEFAULT_ADD_BOS.get(tokenizer_model, False)
     try:
         return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(model)))
     finally:
-        llama_cpp.llama_model_free(model)
+        with llama_log_scope():
+            llama_cpp.llama_model_free(model)
 
 
 @dataclass(frozen=True)
@@ -160,11 +166,12 @@ def check_pair(a: VocabInfo, b: VocabInfo) -> list[str]:
     return notes
 
 
-def check_vocabularies(infos: Mapping[str, VocabInfo]) -> VocabReport:
+def check_vocabularies(infos: Mapping[str, VocabInfo], *, log_notes: bool = True) -> VocabReport:
     """Check that every model shares the first model's token space.
 
     ``infos`` maps a role name to its vocabulary. Returns the shared range ``[0, n_shared)``
-    over which logits are combined; ids beyond it are never sampled.
+    over which logits are combined; ids beyond it are never sampled. Each note is also logged
+    as a warning (logger ``eft_local.vocab``) unless ``log_notes`` is false.
     """
     items = list(infos.values())
     first = items[0]
@@ -175,4 +182,7 @@ def check_vocabularies(infos: Mapping[str, VocabInfo]) -> VocabReport:
         for note in check_pair(first, other):
             if note not in notes:
                 notes.append(note)
+    if log_notes:
+        for note in notes:
+            _log.warning(note)
     return VocabReport(n_shared=min(v.n_vocab for v in items), notes=tuple(notes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 # One thread per model: with every core each, llama.cpp's spinning worker threads slow runs
 # many times over whenever anything else shares the machine.
 os.environ.setdefault("EFT_LOCAL_THREADS", "1")
+# The tests see only the bundled recipes, never an overlay file of whoever runs them.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="eft-local-test-config-")
 
 import real_models
 from tiny_gguf import write_tiny_llama

@@ -31,7 +31,8 @@ class HostedFile:
     drops: list[int] = field(default_factory=list)
     served: bytes | None = None  # what GET sends instead of ``data`` (HEAD still describes ``data``)
     honours_range: bool = True  # False: GET always answers 200 with the whole body, as some proxies do
-    statuses: list[int] = field(default_factory=list)  # fault: the next GETs answer with these codes (one per GET)
+    # Fault: the next GETs answer with these codes, one per GET (None: answer normally).
+    statuses: list[int | None] = field(default_factory=list)
 
     @property
     def sha256(self) -> str:

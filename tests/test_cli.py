@@ -5,15 +5,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
-from eft_local.cli import chat_loop, main
+from eft_local.cli import LEAVE_HINT, chat_loop, main, parse_delta
 from eft_local.engine import EFT, Chunk
 from eft_local.errors import EFTError
 from tiny_gguf import ALT_DIFF_ID, ALT_DIFF_TEXT, BASE_DIFF_TEXT, N_VOCAB_BASE
@@ -35,7 +39,7 @@ def models(tiny, base="base", tuned="tuned", reference="reference") -> list[str]
     def path(x):
         return str(tiny[x]) if x in tiny else str(x)
 
-    return ["-b", path(base), "-t", path(tuned), "-r", path(reference)]
+    return ["-m", path(base), "--tuned", path(tuned), "--reference", path(reference)]
 
 
 # One thread per model: with all cores each, llama.cpp's spinning threads make runs crawl
@@ -533,3 +537,204 @@ def test_chat_reuses_cache_in_second_turn(tiny):
     assert 0 < stats2["prompt_eval_tokens"] < stats2["prompt_tokens"]
     # At least the whole first prompt came from the cache.
     assert stats2["prompt_eval_tokens"] <= stats2["prompt_tokens"] - stats1["prompt_tokens"] + 1
+
+
+# --- option names shared with llama.cpp ----------------------------------------------------
+
+
+def test_llama_cpp_option_names(tiny):
+    """-m/--model is the base model, -t the threads, -n/--n-predict, -ngl/--n-gpu-layers,
+    -sys/--system-prompt as in llama.cpp; the long names keep working."""
+    long = generate_json(tiny, "--temperature", "0", "--max-tokens", "6", "--gpu-layers", "0", "--threads", "1")
+    paths = [str(tiny["base"]), str(tiny["tuned"]), str(tiny["reference"])]
+    short = ok(CliRunner().invoke(main, ["generate", PROMPT, "--model", paths[0], "--tuned", paths[1],
+                                         "--reference", paths[2], "--temp", "0", "--n-predict", "6",
+                                         "--n-gpu-layers", "0", "-t", "1", "--json"]))
+    base_long = ok(CliRunner().invoke(main, ["generate", PROMPT, "--base", paths[0], "--tuned", paths[1],
+                                             "--reference", paths[2], "--temp", "0", "-n", "6", "-ngl", "0",
+                                             "-t", "1", "--json"]))
+    assert json.loads(short.stdout)["tokens"] == long["tokens"] == json.loads(base_long.stdout)["tokens"]
+
+
+@pytest.mark.parametrize("flag", ["-b", "-r"])
+def test_short_flags_that_mean_something_else_in_llama_cpp_are_gone(tiny, flag):
+    result = CliRunner().invoke(main, ["generate", PROMPT, flag, str(tiny["base"])])
+    assert result.exit_code == 2
+    assert f"No such option '{flag}'" in result.stderr
+
+
+def test_threads_short_flag_takes_a_number_not_a_path(tiny):
+    result = CliRunner().invoke(main, ["generate", PROMPT, "-t", str(tiny["tuned"])])
+    assert result.exit_code == 2
+    assert "is not an integer" in result.stderr
+
+
+def test_recipe_name_given_as_model_says_use_recipe(tiny):
+    result = CliRunner().invoke(main, ["generate", PROMPT, "-m", "demo", "--tuned", str(tiny["tuned"]),
+                                       "--reference", str(tiny["reference"])])
+    assert result.exit_code == 2
+    assert result.stderr == ("error: -m/--model takes the base model's GGUF file; for the recipe 'demo' "
+                             "use --recipe demo\n")
+
+
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_speculative_zero_or_off_is_plain_decoding(tiny, value):
+    plain = generate_json(tiny, *GREEDY)
+    off = generate_json(tiny, *GREEDY, "--speculative", value)
+    assert off["tokens"] == plain["tokens"]
+    assert "acceptance_rate" not in off["stats"]
+    assert "acceptance_rate" in generate_json(tiny, *GREEDY, "--speculative", "2")["stats"]
+    assert "off" in CliRunner().invoke(main, ["generate", "--help"]).stdout
+
+
+# --- generate --system -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--system", "--system-prompt", "-sys"])
+def test_generate_system_message(tiny, flag):
+    """--system on generate gives what a chat with that system message gives."""
+    system = "Answer in one word."
+    obj = generate_json(tiny, *GREEDY, flag, system)
+    with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=1024, n_threads=1) as eft:
+        want = eft.chat([{"role": "system", "content": system}, {"role": "user", "content": PROMPT}],
+                        temperature=0, max_tokens=12)
+    assert obj["tokens"] == want.tokens
+    assert obj["stats"]["prompt_tokens"] > generate_json(tiny, *GREEDY)["stats"]["prompt_tokens"]
+
+
+def test_chat_takes_system_prompt_alias(tiny):
+    result = ok(invoke(["chat", *models(tiny), "--temperature", "0", "-n", "4", "-sys", "Be brief."],
+                       input="Hello\n/exit\n"))
+    assert result.stdout.count(">>> ") == 2
+
+
+def test_generate_raw_with_system_is_one_line_error(tiny):
+    result = invoke(["generate", PROMPT, *models(tiny), "--raw", "--system", "Be brief."])
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --system") and "--raw" in lines[0]
+
+
+# --- --delta with ':' in paths ----------------------------------------------------------------
+
+
+@pytest.fixture
+def colon_files(tmp_path, monkeypatch):
+    """Files whose names hold ':' (legal on POSIX), in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("t.gguf", "r.gguf", "a:b.gguf", "c:d.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("t.gguf:r.gguf", ("t.gguf", "r.gguf", 1.0)),
+    ("t.gguf:r.gguf:0.5", ("t.gguf", "r.gguf", 0.5)),
+    ("t.gguf:r.gguf:-2", ("t.gguf", "r.gguf", -2.0)),
+    ("./a:b.gguf:r.gguf", ("./a:b.gguf", "r.gguf", 1.0)),
+    ("a:b.gguf:c:d.gguf:0.7", ("a:b.gguf", "c:d.gguf", 0.7)),
+    ("t.gguf:a:b.gguf:3", ("t.gguf", "a:b.gguf", 3.0)),
+    # Paths that do not exist here: a ':' after a drive letter belongs to the path.
+    (r"C:\models\t.gguf:D:\models\r.gguf", (r"C:\models\t.gguf", r"D:\models\r.gguf", 1.0)),
+    ("C:/m/t.gguf:C:/m/r.gguf:0.25", ("C:/m/t.gguf", "C:/m/r.gguf", 0.25)),
+    ("missing-t.gguf:missing-r.gguf", ("missing-t.gguf", "missing-r.gguf", 1.0)),
+])
+def test_parse_delta(colon_files, spec, expected):
+    assert parse_delta(spec) == expected
+
+
+def test_parse_delta_ambiguous_and_malformed(colon_files):
+    # Both "a" + "b:r" and "a:b" + "r" name existing files.
+    for name in ("a", "b:r", "a:b", "r"):
+        (colon_files / name).write_bytes(b"")
+    with pytest.raises(click.UsageError, match=r"'a:b:r' is ambiguous: it reads as 'a' and 'b:r' .* or 'a:b' and 'r'"):
+        parse_delta("a:b:r")
+    for bad in ("only-one-path", "t.gguf:r.gguf:heavy", "x:y:z:w", ":r.gguf"):
+        with pytest.raises(click.UsageError, match="is not TUNED:REFERENCE"):
+            parse_delta(bad)
+
+
+def test_delta_errors_are_one_line(tiny, colon_files):
+    for name in ("a", "b:r", "a:b", "r"):
+        (colon_files / name).write_bytes(b"")
+    for spec in ("a:b:r", "no-weight:x:heavy"):
+        result = CliRunner().invoke(main, ["generate", PROMPT, "-m", str(tiny["base"]), "--delta", spec])
+        assert result.exit_code == 2
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: --delta ")
+
+
+def test_delta_path_with_colon_loads(tiny, tmp_path):
+    tuned = tmp_path / "tuned:v2.gguf"
+    tuned.write_bytes(Path(tiny["tuned"]).read_bytes())
+    via_delta = ok(invoke(["generate", PROMPT, "-m", str(tiny["base"]), "--delta", f"{tuned}:{tiny['reference']}:1",
+                           *GREEDY, "--json"]))
+    assert json.loads(via_delta.stdout)["tokens"] == generate_json(tiny, *GREEDY)["tokens"]
+
+
+# --- chat at a terminal ------------------------------------------------------------------------
+
+
+class Terminal:
+    """The controlling side of a pty, read as a stream of expected pieces."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seen = b""
+        self._pos = 0
+
+    def expect(self, wanted: bytes, timeout: float = 60) -> None:
+        """Read until ``wanted`` appears after what earlier calls matched."""
+        deadline = time.monotonic() + timeout
+        while (found := self.seen.find(wanted, self._pos)) < 0:
+            left = deadline - time.monotonic()
+            assert left > 0, self.seen
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # the other side closed
+                    chunk = b""
+                assert chunk, self.seen
+                self.seen += chunk
+        self._pos = found + len(wanted)
+
+    def type(self, text: bytes) -> None:
+        os.write(self.fd, text)
+
+
+def test_chat_at_a_terminal_has_line_editing_history_and_ctrl_c(tiny, tmp_path):
+    """At a terminal, Ctrl-P recalls the previous line (readline), Ctrl-C at the prompt still
+    only prints how to leave, and no history file is written."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "EFT_LOCAL_DEBUG"}
+    env.update(HOME=str(home), INPUTRC=os.devnull, TERM="xterm")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([str(EFT_LOCAL), "chat", *models(tiny), *THREADS, "--temp", "0", "-n", "4"],
+                            stdin=secondary, stdout=secondary, stderr=secondary, env=env, start_new_session=True)
+    os.close(secondary)
+    term = Terminal(primary)
+    try:
+        term.expect(b">>> ")
+        term.type(b"/weight 0.5\r")
+        term.expect(b"(delta 1 weight 0.5)")
+        term.expect(b">>> ")
+        term.type(b"\x10\r")  # Ctrl-P: the previous line, sent again
+        term.expect(b"(delta 1 weight 0.5)")
+        term.expect(b">>> ")
+        term.type(b"half a line")
+        term.expect(b"half a line")
+        # Python's readline loop only notices a signal that interrupts its wait for a key, so
+        # the echo must be behind it (a person's Ctrl-C always is).
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        term.expect(LEAVE_HINT.encode())
+        term.expect(b">>> ")
+        term.type(b"/exit\r")
+        assert proc.wait(timeout=30) == 0, term.seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
+    assert b"Traceback" not in term.seen
+    assert list(home.iterdir()) == []

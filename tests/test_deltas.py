@@ -103,8 +103,8 @@ def test_cli_delta_option(tiny, tuned2):
 
     from eft_local.cli import main
 
-    base = ["-b", str(tiny["base"]), "--temperature", "0", "-n", "8", "--json"]
-    one = CliRunner().invoke(main, ["generate", "Hello world", *base, "-t", str(tiny["tuned"]), "-r", str(tiny["reference"])])
+    base = ["-m", str(tiny["base"]), "--temperature", "0", "-n", "8", "--json"]
+    one = CliRunner().invoke(main, ["generate", "Hello world", *base, "--tuned", str(tiny["tuned"]), "--reference", str(tiny["reference"])])
     same = CliRunner().invoke(main, ["generate", "Hello world", *base, "--delta", f"{tiny['tuned']}:{tiny['reference']}"])
     assert one.exit_code == same.exit_code == 0, (one.output, same.output)
 
@@ -115,13 +115,13 @@ def test_cli_delta_option(tiny, tuned2):
     two = CliRunner().invoke(main, ["generate", "Hello world", *base, "--delta", f"{tiny['tuned']}:{tiny['reference']}:1",
                                     "--delta", f"{tuned2}:{tiny['reference']}:3"])
     assert two.exit_code == 0 and tokens(two) != tokens(one)
-    check = CliRunner().invoke(main, ["check", "-b", str(tiny["base"]), "-d", f"{tiny['tuned']}:{tiny['reference']}",
+    check = CliRunner().invoke(main, ["check", "-m", str(tiny["base"]), "-d", f"{tiny['tuned']}:{tiny['reference']}",
                                       "-d", f"{tuned2}:{tiny['alt']}"])
     assert check.exit_code == 1 and str(tiny["alt"]) in check.stderr
     assert "tuned2" in check.stdout
     for bad, code in (("only-one-path", 2), (f"{tiny['tuned']}:{tiny['reference']}:heavy", 2)):
-        assert CliRunner().invoke(main, ["generate", "hi", "-b", str(tiny["base"]), "--delta", bad]).exit_code == code
-    mixed = CliRunner().invoke(main, ["generate", "hi", "-b", str(tiny["base"]), "-t", str(tiny["tuned"]),
+        assert CliRunner().invoke(main, ["generate", "hi", "-m", str(tiny["base"]), "--delta", bad]).exit_code == code
+    mixed = CliRunner().invoke(main, ["generate", "hi", "-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]),
                                       "--delta", f"{tiny['tuned']}:{tiny['reference']}"])
     assert mixed.exit_code == 2 and "--delta" in mixed.stderr
 

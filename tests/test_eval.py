@@ -94,7 +94,7 @@ def write_jsonl(path, items):
 
 def test_eval_command_outputs(tiny, items, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", items)
-    args = ["eval", str(data), "-b", str(tiny["base"]), "-t", str(tiny["tuned"]), "-r", str(tiny["reference"]),
+    args = ["eval", str(data), "-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]), "--reference", str(tiny["reference"]),
             "--threads", "1", "-n", "12", "--config", "tuned", "--config", "eft", "--config", "half=base,tuned,reference,0.5"]
     result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
@@ -123,8 +123,8 @@ def test_match_rate_and_two_delta_configs(tiny, items, tmp_path):
     assert result.match_rate > 0
     data = write_jsonl(tmp_path / "data.jsonl", items)
     two = f"two={tiny['base']},{tiny['tuned']},{tiny['reference']},0.5,{tiny['tuned']},{tiny['base']},0.5"
-    out = CliRunner().invoke(main, ["eval", str(data), "-b", str(tiny["base"]), "-t", str(tiny["tuned"]),
-                                    "-r", str(tiny["reference"]), "-n", "6", "--config", two, "--match", "a"])
+    out = CliRunner().invoke(main, ["eval", str(data), "-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]),
+                                    "--reference", str(tiny["reference"]), "-n", "6", "--config", two, "--match", "a"])
     assert out.exit_code == 0, out.output
     assert out.stdout.splitlines()[0].endswith("matches % |")
     bad = CliRunner().invoke(main, ["eval", str(data), "--match", "(unclosed"])
@@ -134,14 +134,14 @@ def test_match_rate_and_two_delta_configs(tiny, items, tmp_path):
 def test_eval_command_plot(tiny, items, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", items)
     png = tmp_path / "chart.png"
-    result = CliRunner().invoke(main, ["eval", str(data), "-b", str(tiny["base"]), "-t", str(tiny["tuned"]),
-                                       "-r", str(tiny["reference"]), "--threads", "1", "-n", "4", "--plot", str(png)])
+    result = CliRunner().invoke(main, ["eval", str(data), "-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]),
+                                       "--reference", str(tiny["reference"]), "--threads", "1", "-n", "4", "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_command_errors(tiny, tmp_path):
-    models = ["-b", str(tiny["base"]), "-t", str(tiny["tuned"]), "-r", str(tiny["reference"])]
+    models = ["-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]), "--reference", str(tiny["reference"])]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "Hi", "answer": "x"}])

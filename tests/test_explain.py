@@ -65,7 +65,7 @@ def test_scoring_a_given_reply(eft):
 
 
 def test_explain_command(tiny):
-    models = ["-b", str(tiny["base"]), "-t", str(tiny["tuned"]), "-r", str(tiny["reference"])]
+    models = ["-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]), "--reference", str(tiny["reference"])]
     out = CliRunner().invoke(main, ["explain", "Hello world", *models, "--temperature", "0", "-n", "6", "--json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.stdout)

@@ -452,7 +452,7 @@ def test_check_refuses_fifo_and_truncated_files(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     for path, message in ((fifo, f"error: not a regular file: {fifo}\n"),
                           (cut, f"error: {cut}: truncated: has {len(data) // 2} bytes, header describes {len(data)}\n")):
-        result = run_cli(["check", "-b", str(path), "-t", str(DEMO / "tuned.gguf"), "-r", str(DEMO / "reference.gguf")])
+        result = run_cli(["check", "-m", str(path), "--tuned", str(DEMO / "tuned.gguf"), "--reference", str(DEMO / "reference.gguf")])
         assert result.returncode == 1
         assert result.stderr.decode() == message
 

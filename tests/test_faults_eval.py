@@ -25,7 +25,7 @@ from eft_local.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
 DATA = DEMO / "heldout.jsonl"
-MODELS = ["-b", str(DEMO / "base.gguf"), "-t", str(DEMO / "tuned.gguf"), "-r", str(DEMO / "reference.gguf"),
+MODELS = ["-m", str(DEMO / "base.gguf"), "--tuned", str(DEMO / "tuned.gguf"), "--reference", str(DEMO / "reference.gguf"),
           "--threads", "1", "-n", "8"]
 CONFIGS = ["--config", "base", "--config", "tuned", "--config", "eft"]
 

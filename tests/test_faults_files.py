@@ -47,7 +47,7 @@ def error_of(path) -> str:
 
 
 def check_cli(base, tuned=DEMO / "tuned.gguf", reference=DEMO / "reference.gguf"):
-    return CliRunner().invoke(eft_local.cli.main, ["check", "-b", str(base), "-t", str(tuned), "-r", str(reference)])
+    return CliRunner().invoke(eft_local.cli.main, ["check", "-m", str(base), "--tuned", str(tuned), "--reference", str(reference)])
 
 
 # --- GGUF bytes written by hand -------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_cut_file_through_the_cli(tmp_path):
     cut_tuned = tmp_path / "tuned.gguf"
     tuned = (DEMO / "tuned.gguf").read_bytes()
     cut_tuned.write_bytes(tuned[: len(tuned) // 2])
-    result = CliRunner().invoke(eft_local.cli.main, ["generate", "Hi", "-t", str(cut_tuned), "--threads", "1"])
+    result = CliRunner().invoke(eft_local.cli.main, ["generate", "Hi", "--tuned", str(cut_tuned), "--threads", "1"])
     assert result.exit_code == 1
     assert result.stderr == f"error: {cut_tuned}: truncated: has {len(tuned) // 2} bytes, header describes {len(tuned)}\n"
 
@@ -478,7 +478,7 @@ def test_each_load_reports_its_own_reason(refused, tiny_model):
 
 def test_load_error_through_the_cli(refused, tiny_model):
     path, reason = refused["architecture"]
-    args = ["generate", "Hello", "-b", str(tiny_model), "-t", str(path), "-r", str(tiny_model), "--threads", "1"]
+    args = ["generate", "Hello", "-m", str(tiny_model), "--tuned", str(path), "--reference", str(tiny_model), "--threads", "1"]
     result = CliRunner().invoke(eft_local.cli.main, args)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
     assert result.stderr == f"error: cannot load {path}: llama.cpp: {reason}\n"
@@ -491,7 +491,7 @@ def test_debug_shows_llama_cpp_load_log(refused, tiny_model, debug):
     if debug:
         env["EFT_LOCAL_DEBUG"] = "1"
     proc = subprocess.run(
-        [str(EFT_LOCAL), "generate", "Hello", "-b", str(tiny_model), "-t", str(path), "-r", str(tiny_model),
+        [str(EFT_LOCAL), "generate", "Hello", "-m", str(tiny_model), "--tuned", str(path), "--reference", str(tiny_model),
          "--threads", "1"],
         capture_output=True, text=True, timeout=120, env=env,
     )

@@ -66,7 +66,7 @@ def test_plausibility_errors_and_cli(tiny):
         for bad in (dict(plausible_top_p=0), dict(plausible_min_p=2), dict(plausible_model="reference")):
             with pytest.raises(EFTError, match="plausib"):
                 eft.generate("hi", max_tokens=2, **bad)
-    models = ["-b", str(tiny["base"]), "-t", str(tiny["tuned"]), "-r", str(tiny["reference"])]
+    models = ["-m", str(tiny["base"]), "--tuned", str(tiny["tuned"]), "--reference", str(tiny["reference"])]
     ok = CliRunner().invoke(main, ["generate", "Hello", *models, "-n", "4", "--plausible-top-p", "0.5", "--plausible-model", "base"])
     assert ok.exit_code == 0, ok.output
     bad = CliRunner().invoke(main, ["generate", "Hello", *models, "-n", "4", "--plausible-min-p", "3"])

@@ -11,12 +11,14 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
+from eft_local import download as dl
 from eft_local import recipes as rc
 from eft_local.cli_models import models as models_cmd
 from eft_local.cli_models import pull as pull_cmd
@@ -64,7 +66,7 @@ def hf_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def hub(hf_home, monkeypatch):
     """A running stand-in hub that HF_ENDPOINT points at."""
-    from huggingface_hub import constants, file_download
+    from huggingface_hub import constants
 
     server = StandInHub().start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
@@ -73,17 +75,19 @@ def hub(hf_home, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
     template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)  # 0.x's own copy
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(hf_home / "agents.json"), raising=False)
+    # huggingface-hub writes a download in pieces of DOWNLOAD_CHUNK_SIZE (10 MB) and a dropped
+    # connection loses the piece in flight; pieces of 16 bytes make the offsets asserted here exact.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16)
     yield server
     server.stop()
 
 
 @pytest.fixture
 def no_retry_wait(monkeypatch):
-    """A pull pauses before asking again after a dropped connection; tests need not."""
-    monkeypatch.setattr(rc, "_RETRY_WAIT_S", 0.0)
+    """A pull (and huggingface-hub under it) pauses before asking again; tests need not."""
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
 
 
 def write_recipes(folder: Path, text: str) -> Path:
@@ -308,23 +312,29 @@ def test_failed_pull_keeps_the_partial_file_and_the_next_pull_resumes(trio, hub,
     assert not [b for b in blob_files(hf_home, ref.repo) if "incomplete" in b]
 
 
-class InterruptingBar(rc._NoProgress):
+class InterruptingBar:
     """A progress bar that acts like Ctrl-C once ``after`` bytes have been written."""
 
     def __init__(self, after: int) -> None:
         self.n, self.after = 0, after
 
     def update(self, k: int = 1) -> None:
-        super().update(k)
-        if self.n >= self.after:
+        if self.n >= self.after:  # counted bytes are written by the time the next piece is counted
             raise KeyboardInterrupt
+        self.n += k
+
+    def __enter__(self) -> "InterruptingBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(trio, hub, hf_home, monkeypatch):
     recipe, data = trio
     ref = recipe.models["base"]
-    real_bar = rc._progress_bar
-    monkeypatch.setattr(rc, "_progress_bar", lambda desc, total, initial, enabled: InterruptingBar(100_000))
+    real_bar = dl._progress_bar
+    monkeypatch.setattr(dl, "_progress_bar", lambda desc, total, initial, enabled: InterruptingBar(100_000))
     with pytest.raises(KeyboardInterrupt):
         rc.pull(recipe, progress=False)
     partial = partial_file(hf_home, ref, hub)
@@ -333,7 +343,7 @@ def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(trio, hub, hf_h
     assert partial.read_bytes() == data["base"][:kept]
     assert snapshot_files(hf_home, ref.repo) == []
 
-    monkeypatch.setattr(rc, "_progress_bar", real_bar)
+    monkeypatch.setattr(dl, "_progress_bar", real_bar)
     before = len(hub.gets(ref.file))
     paths = rc.pull(recipe)  # progress on: the bar starts at the resumed offset
     assert paths["base"].read_bytes() == data["base"]
@@ -362,10 +372,43 @@ def test_a_busy_server_is_asked_again(trio, hub, no_retry_wait):
     hub.files[(tuned.repo, tuned.file)].statuses = [503] * 10  # down for longer than a pull waits
     with pytest.raises(EFTError, match=r"^cannot download tuned.Q8_0.gguf from org/tuned-GGUF: HTTP 503"):
         rc.pull(recipe, progress=False)
-    assert len(hub.gets(base.file)) == 3 and len(hub.gets(tuned.file)) == rc._RETRIES
+    assert len(hub.gets(base.file)) == 3 and len(hub.gets(tuned.file)) == dl._RETRIES
     assert rc.status(recipe)["base"] is True
     hub.files[(tuned.repo, tuned.file)].statuses.clear()
     assert rc.pull(recipe, progress=False)["tuned"].read_bytes() == data["tuned"]
+
+
+def test_a_server_error_once_is_asked_again(trio, hub, hf_home, no_retry_wait, monkeypatch):
+    recipe, data = trio
+    ref = recipe.models["reference"]
+    hub.files[(ref.repo, ref.file)].statuses = [500]  # one failing answer, then fine
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    assert rc.pull(recipe, progress=False)["reference"].read_bytes() == data["reference"]
+    assert [range_start(g) for g in hub.gets(ref.file)] == [None, None]
+    assert 0 < sum(waits) <= 2  # a short pause, not the minutes a stuck pull would take
+    assert blob_files(hf_home, ref.repo) == [hub.files[(ref.repo, ref.file)].sha256]
+
+
+def test_a_server_error_that_persists_is_one_line_and_keeps_what_came(trio, hub, tmp_path, monkeypatch, no_retry_wait,
+                                                                      capfd):
+    recipe, data = trio
+    ref = recipe.models["base"]
+    hosted = hub.files[(ref.repo, ref.file)]
+    half = len(data["base"]) // 2
+    hosted.drops = [half]  # half the file arrives, then the connection drops
+    hosted.statuses = [None] + [502] * 20  # and the server fails from then on (None: the first GET is fine)
+    monkeypatch.setenv("EFT_LOCAL_MODELS_DIR", str(tmp_path / "models"))
+    result = CliRunner().invoke(cli(), ["pull", "trio", "-q"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert re.fullmatch(rf"error: cannot download base.Q4_K_M.gguf from org/base-GGUF: HTTP 502: [^\n]*; "
+                        rf"kept {half} of {len(data['base'])} bytes, run the pull again to resume\n", result.stderr)
+    # huggingface-hub's own retry notices stay quiet too (they would go to the real stderr).
+    assert capfd.readouterr().err == ""
+    hosted.statuses.clear()
+    before = len(hub.gets(ref.file))
+    assert rc.pull(recipe, progress=False)["base"].read_bytes() == data["base"]
+    assert [range_start(g) for g in hub.gets(ref.file)[before:]] == [half]
 
 
 def test_a_corrupted_partial_file_is_caught_and_removed(trio, hub, hf_home, no_retry_wait):
@@ -445,7 +488,7 @@ def test_huggingface_hub_uses_a_pulled_file_without_downloading(trio, hub, hf_ho
 
 
 def test_pinned_revision_and_no_symlinks(hub, hf_home, tmp_path, monkeypatch):
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
     data = os.urandom(20_000)
     hub.add("org/pinned", "m.gguf", data)
@@ -455,8 +498,10 @@ def test_pinned_revision_and_no_symlinks(hub, hf_home, tmp_path, monkeypatch):
     (tmp_path / "t").write_bytes(b"t")
     (tmp_path / "r").write_bytes(b"r")
     monkeypatch.setenv("HF_HUB_DISABLE_SYMLINKS", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_SYMLINKS", True)  # huggingface-hub reads it at import
     pulled = rc.pull(rc.load_recipes(path)["p"], progress=False)["base"]
     assert not pulled.is_symlink() and pulled.read_bytes() == data  # the file itself, where links are off
+    assert blob_files(hf_home, "org/pinned") == []  # moved there, not copied: one copy on disk
     assert not (hf_home / "hub" / "models--org--pinned" / "refs").exists()  # a commit needs no ref
     assert try_to_load_from_cache("org/pinned", "m.gguf", cache_dir=hf_home / "hub", revision=commit) == str(pulled)
     assert rc.resolve(rc.load_recipes(path)["p"])["base"] == pulled
@@ -535,6 +580,13 @@ def test_network_down(trio, hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(EFTError, match=r"^cannot download base.Q4_K_M.gguf from org/base-GGUF: cannot reach http://127.0.0.1:\d+"):
         rc.pull(recipe, progress=False)
+
+
+def test_a_pulled_recipe_is_used_when_the_hub_is_unreachable(trio, hub, monkeypatch):
+    recipe, _ = trio
+    pulled = rc.pull(recipe, progress=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    assert rc.pull(recipe, progress=False) == pulled
 
 
 def test_offline_mode_refuses_to_download(trio, hub, monkeypatch):
@@ -641,3 +693,9 @@ def test_cli_and_cli_models_import_in_either_order(order):
     code = "; ".join(f"import eft_local.{name}" for name in order) + "; import eft_local.cli_models as m; m.pull, m.models"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(autouse=True)
+def no_overlay(tmp_path, monkeypatch):
+    """The user's own recipes file (tests/test_overlay.py) stays out of these tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))

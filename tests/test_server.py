@@ -198,7 +198,7 @@ def test_body_over_the_limit_is_413(server):
 def test_full_queue_answers_503_then_serves_again(smollm2):
     # SmolLM2 in all three roles (loaded once): slow enough that a long reply is still running.
     model = str(smollm2)
-    s = Server("--queue", "0", "-b", model, "-t", model, "-r", model)
+    s = Server("--queue", "0", "-m", model, "--tuned", model, "--reference", model)
     try:
         body = {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Tell a long story."}],
                 "stream": True, "max_tokens": 300, "temperature": 0}

@@ -393,7 +393,7 @@ def one_error_line(result) -> str:
                          ids=["loops", "product", "broken"])
 def test_cli_fails_with_one_line(tiny, hostile, no_template_at_load, command, name, reason):
     t0 = time.perf_counter()
-    result = CliRunner().invoke(main, [*command, "-b", str(tiny["base"]), "-t", hostile[name], "-r", str(tiny["reference"])])
+    result = CliRunner().invoke(main, [*command, "-m", str(tiny["base"]), "--tuned", hostile[name], "--reference", str(tiny["reference"])])
     elapsed = time.perf_counter() - t0
     line = one_error_line(result)
     if reason is None:
@@ -407,7 +407,7 @@ def test_cli_fails_with_one_line(tiny, hostile, no_template_at_load, command, na
 @pytest.mark.parametrize("tuned", ["tiny", "smollm2"])
 def test_check_passes_a_good_template(tiny, smollm2, tuned):
     paths = [str(tiny["base"]), str(tiny["tuned"]), str(tiny["reference"])] if tuned == "tiny" else [str(smollm2)] * 3
-    result = CliRunner().invoke(main, ["check", "-b", paths[0], "-t", paths[1], "-r", paths[2]])
+    result = CliRunner().invoke(main, ["check", "-m", paths[0], "--tuned", paths[1], "--reference", paths[2]])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1].startswith("compatible: ")
     assert result.stderr == ""

@@ -1,0 +1,1 @@
+"""Bundled recipes (recipes.toml) and the demo triple; data only."""
