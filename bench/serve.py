@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/serve.py [--requests 16] [--max-tokens 32] [--rounds 2] [--smollm2]
                                     [--smollm2-requests 4] [--eval-limit-smollm2 24]
+                                    [--realistic] [--no-demo]
 
 For each model set (the bundled demo triple; with ``--smollm2`` also SmolLM2-135M-Instruct Q4_1 from
-the test cache in all three roles, loaded once) and for N = 1, 2, 4, 8 concurrent clients, a fresh
+the test cache in all three roles, loaded once; with ``--realistic`` the random Q4_0 triple of
+bench/speculative.py (a), after llama.cpp's own 1-vs-8-sequence decode rate on its base, the
+ceiling of what slots can gain) and for N = 1, 2, 4, 8 concurrent clients, a fresh
 ``eft-local serve --parallel N --threads 1`` subprocess is started on 127.0.0.1 (plus a reference
 row: 8 clients against ``--parallel 1``). Each client is a thread with its own openai SDK client
 that sends ``--requests`` chat requests in sequence (stream=True, temperature 0, a fixed

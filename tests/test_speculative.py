@@ -153,7 +153,7 @@ def test_stats_and_validation(eft):
         assert key in out.stats
     # "auto" measured plain steps (k = 0) and drafts, and keeps what it learnt for the next call.
     tuner = eft.model_set.draft_tuner
-    assert {0, 4} <= set(tuner.cost) and out.stats["plain_steps"] >= 0
+    assert {0, 4} <= set(tuner.cost) and "plain_steps" in out.stats
     again = eft.generate("Hello world", temperature=0, max_tokens=10, speculative="auto")
     assert eft.model_set.draft_tuner is tuner and again.tokens == out.tokens
     plain = eft.generate("Hello world", temperature=0, max_tokens=10, speculative=0)
