@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 # One thread per model: with every core each, llama.cpp's spinning worker threads slow runs
 # many times over whenever anything else shares the machine.
 os.environ.setdefault("EFT_LOCAL_THREADS", "1")
+# A shell that starts the tests in the background passes SIGINT on as ignored, and an ignored
+# signal stays ignored in every child: the Ctrl-C tests need it delivered.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 # The tests see only the bundled recipes, never an overlay file of whoever runs them.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="eft-local-test-config-")
 
