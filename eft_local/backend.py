@@ -263,3 +263,11 @@ class Backend:
         if llm is not None:
             with llama_log_scope():
                 llm.close()
+
+    def __del__(self) -> None:
+        # An EFT that was never closed is freed here, still inside eft-local's log scope
+        # (llama-cpp-python's own finaliser would print llama.cpp's teardown lines).
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - half-built, or the interpreter is shutting down
+            pass

@@ -76,6 +76,19 @@ def test_import_and_use_change_nothing_global(tiny):
     assert proc.stderr == ""
 
 
+def test_an_eft_never_closed_is_freed_quietly(tiny):
+    """An EFT left to the garbage collector (at exit) frees its models inside eft-local's scope:
+    llama.cpp's teardown lines do not reach stderr."""
+    proc = run_python(f"""
+    import eft_local
+    eft = eft_local.EFT({str(tiny["base"])!r}, {str(tiny["tuned"])!r}, {str(tiny["reference"])!r},
+                        n_ctx=256, n_threads=1)
+    print(eft.generate("Hello", max_tokens=4, temperature=0).text != None)
+    """)
+    assert proc.stdout.strip() == "True"
+    assert proc.stderr == ""
+
+
 def test_a_users_llama_keeps_llama_cpp_pythons_log(tiny):
     """A plain Llama(verbose=True), made while an EFT is open and again after it closed, prints
     llama.cpp's load log to stderr as llama-cpp-python does."""
