@@ -150,7 +150,7 @@ def model_options(f: Callable) -> Callable:
     """The three models: a recipe, explicit paths, or both (paths win)."""
     for decorator in reversed(
         [
-            click.option("--recipe", help="Named model set from models/recipes.toml [default: demo, the bundled triple]."),
+            click.option("--recipe", help="Named model set (bundled, or from ~/.config/eft-local/recipes.toml; see `eft-local models`) [default: demo, the bundled triple]."),
             click.option("--base", "--model", "-m", "base", type=click.Path(dir_okay=False),
                          help="Large pre-trained model (GGUF): the model being steered."),
             click.option("--tuned", type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
