@@ -7,7 +7,7 @@
 
 from .combine import eft_logprobs, log_softmax
 from .engine import EFT, Chunk, Completion
-from .errors import EFTError
+from .errors import EFTError, UnavailableError
 from .params import SamplingParams
 from .sampling import Sampler
 from .vocab import check_vocabularies, read_vocab
@@ -17,6 +17,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "EFTError",
+    "UnavailableError",
     "SamplingParams",
     "Sampler",
     "check_vocabularies",

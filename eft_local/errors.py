@@ -6,3 +6,10 @@ class EFTError(Exception):
 
     The message is one line that says what is wrong; the CLI prints it as ``error: ...``.
     """
+
+
+class UnavailableError(EFTError):
+    """Something the models run on is gone for now (an RPC server): the same request may work later.
+
+    The server answers it with 503 rather than 400.
+    """

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backend import common_prefix
-from .errors import EFTError
+from .errors import EFTError, UnavailableError
 from .interrupts import sigint_deferred
 from .log import llama_logger
 
@@ -169,9 +169,9 @@ def probe(endpoint: str, timeout: float | None = None) -> None:
     try:
         sock = socket.create_connection(address, timeout=timeout)
     except socket.timeout:
-        raise EFTError(f"RPC server {endpoint} is unreachable: no answer within {timeout:g} s") from None
+        raise UnavailableError(f"RPC server {endpoint} is unreachable: no answer within {timeout:g} s") from None
     except OSError as e:
-        raise EFTError(f"RPC server {endpoint} is unreachable: {e.strerror or e}") from None
+        raise UnavailableError(f"RPC server {endpoint} is unreachable: {e.strerror or e}") from None
     with sock:
         try:
             sock.sendall(_HELLO)
@@ -180,7 +180,7 @@ def probe(endpoint: str, timeout: float | None = None) -> None:
             # busy: it serves one client at a time.
             sock.recv(1)
         except socket.timeout:
-            raise EFTError(f"RPC server {endpoint} does not answer within {timeout:g} s: it serves one client "
+            raise UnavailableError(f"RPC server {endpoint} does not answer within {timeout:g} s: it serves one client "
                            "at a time; is another eft-local or llama.cpp using it?") from None
         except OSError:
             pass  # it closed the connection: answered
@@ -375,7 +375,7 @@ class RPCBackend:
             reply = conn.recv()
         except TimeoutError:
             self._stop()
-            raise EFTError(f"the RPC servers {', '.join(self.endpoints)} did not finish {doing} within "
+            raise UnavailableError(f"the RPC servers {', '.join(self.endpoints)} did not finish {doing} within "
                            f"{timeout:g} s ({DECODE_TIMEOUT_ENV}); the next request reconnects") from None
         except (EOFError, OSError):
             raise self._lost(doing) from None
@@ -400,11 +400,11 @@ class RPCBackend:
         gone = [e for e in self.endpoints if not reachable(e)]
         if doing == "loading":
             where = f"RPC server {', '.join(gone)} went away" if gone else "the worker process ended"
-            return EFTError(f"cannot load {self.path} on the RPC servers {', '.join(self.endpoints)}: {where}{reason}")
+            return UnavailableError(f"cannot load {self.path} on the RPC servers {', '.join(self.endpoints)}: {where}{reason}")
         if gone:
-            return EFTError(f"RPC server {', '.join(gone)} went away while {doing}{reason}; "
+            return UnavailableError(f"RPC server {', '.join(gone)} went away while {doing}{reason}; "
                             "the next request reconnects")
-        return EFTError(f"the process running {os.path.basename(self.path)} on RPC servers ended while {doing}"
+        return UnavailableError(f"the process running {os.path.basename(self.path)} on RPC servers ended while {doing}"
                         f"{reason}; the next request starts it again")
 
     def _call(self, op: str, *args: Any, timeout: float | None = None, doing: str = "decoding") -> Any:

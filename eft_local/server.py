@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .engine import EFT
-from .errors import EFTError
+from .errors import EFTError, UnavailableError
 
 # A chat of this many bytes is far beyond any context eft-local runs; larger bodies are refused.
 MAX_BODY = 8 * 1024 * 1024
@@ -171,7 +171,7 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
                         break
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except EFTError as e:
-                loop.call_soon_threadsafe(queue.put_nowait, APIError(400, str(e)))
+                loop.call_soon_threadsafe(queue.put_nowait, api_error_of(e))
             except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
                 loop.call_soon_threadsafe(queue.put_nowait, APIError(500, f"{type(e).__name__}: {e}", kind="server_error"))
             finally:
@@ -237,9 +237,17 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
 
     @app.exception_handler(EFTError)
     async def eft_error(request: Request, e: EFTError) -> Response:
-        return APIError(400, str(e)).response()
+        return api_error_of(e).response()
 
     return app
+
+
+def api_error_of(e: EFTError) -> APIError:
+    """A library error as the client sees it: 503 when what the models run on is gone for now
+    (an RPC server; the same request may work later), else 400."""
+    if isinstance(e, UnavailableError):
+        return APIError(503, str(e), kind="server_error", code="unavailable", headers={"Retry-After": "5"})
+    return APIError(400, str(e))
 
 
 class Once:

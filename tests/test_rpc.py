@@ -227,6 +227,38 @@ def test_server_gone_between_requests(local_runs):
 
 
 @needs_rpc
+def test_served_model_answers_503_while_its_server_is_away(local_runs):
+    """Over HTTP a gone RPC server is 503 with Retry-After (the same request may work later), not
+    a 400 for a bad request; once the server is back the next request is answered."""
+    from fastapi.testclient import TestClient
+
+    from eft_local.server import create_app
+
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    server = start_server(port)
+    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0}
+    try:
+        with demo(rpc=endpoint) as eft, TestClient(create_app(eft, model="demo")) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+            stop_server(server)
+            for stream in (False, True):
+                r = within(20, client.post, "/v1/chat/completions", json={**body, "stream": stream})
+                if stream:  # the stream has started: the error arrives as an event
+                    assert r.status_code == 200 and '"code": "unavailable"' in r.text and endpoint in r.text
+                else:
+                    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+                    error = r.json()["error"]
+                    assert error["code"] == "unavailable" and error["type"] == "server_error"
+                    assert error["message"] == f"RPC server {endpoint} is unreachable: Connection refused"
+            server = start_server(port)
+            r = within(60, client.post, "/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    finally:
+        stop_server(server)
+
+
+@needs_rpc
 def test_stuck_server_times_out_and_session_recovers(local_runs, monkeypatch):
     monkeypatch.setenv(rpc.DECODE_TIMEOUT_ENV, "2")
     port = free_port()
