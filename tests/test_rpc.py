@@ -52,6 +52,28 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
+class OwnServer:
+    """An rpc-server on a port of its own, which a test stops and starts again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.proc = start_server(self.port)
+
+    def start(self) -> None:
+        self.proc = start_server(self.port)
+
+    def stop(self) -> None:
+        stop_server(self.proc)
+
+
+@pytest.fixture
+def own_server():
+    server = OwnServer()
+    yield server
+    server.stop()  # SIGKILL: ends a stopped (SIGSTOP) server too
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -171,117 +193,96 @@ def test_busy_server_is_one_line_within_seconds(servers, monkeypatch):
 
 
 @needs_rpc
-def test_server_killed_mid_generation(local_runs):
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    server = start_server(port)
-    try:
-        with demo(rpc=endpoint) as eft:
-            chunks = eft.stream(PROMPT, temperature=0, weights=[0], ignore_eos=True, max_tokens=200)
+def test_server_killed_mid_generation(local_runs, own_server):
+    endpoint = own_server.endpoint
+    with demo(rpc=endpoint) as eft:
+        chunks = eft.stream(PROMPT, temperature=0, weights=[0], ignore_eos=True, max_tokens=200)
 
-            def read() -> int:
-                n = 0
-                for _ in chunks:
-                    n += 1
-                    if n == 5:
-                        server.kill()
-                        server.wait()
-                return n
+        def read() -> int:
+            n = 0
+            for _ in chunks:
+                n += 1
+                if n == 5:
+                    own_server.proc.kill()
+                    own_server.proc.wait()
+            return n
 
+        with pytest.raises(EFTError) as err:
+            within(30, read)
+        message = str(err.value)
+        assert message.startswith(f"RPC server {endpoint} went away while decoding")
+        assert "\n" not in message and "next request reconnects" in message
+        # The session is usable: it says the server is gone, then reconnects once it is back.
+        with pytest.raises(EFTError, match=f"RPC server {endpoint} is unreachable"):
+            within(10, eft.generate, PROMPT, temperature=0)
+        own_server.start()
+        assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
+
+
+@needs_rpc
+def test_server_gone_between_requests(local_runs, own_server):
+    endpoint = own_server.endpoint
+    with demo(rpc=endpoint) as eft:
+        assert eft.generate(PROMPT, temperature=0).tokens == local_runs["eft"]
+        own_server.stop()
+        # Found before any decode: one line, and the same again while it stays away.
+        for _ in range(2):
             with pytest.raises(EFTError) as err:
-                within(30, read)
-            message = str(err.value)
-            assert message.startswith(f"RPC server {endpoint} went away while decoding")
-            assert "\n" not in message and "next request reconnects" in message
-            # The session is usable: it says the server is gone, then reconnects once it is back.
-            with pytest.raises(EFTError, match=f"RPC server {endpoint} is unreachable"):
                 within(10, eft.generate, PROMPT, temperature=0)
-            server = start_server(port)
-            assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
-    finally:
-        stop_server(server)
+            assert str(err.value) == f"RPC server {endpoint} is unreachable: Connection refused"
+        # A server restarted in between costs no error: the next request reconnects.
+        own_server.start()
+        assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
+        own_server.stop()
+        own_server.start()
+        assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
 
 
 @needs_rpc
-def test_server_gone_between_requests(local_runs):
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    server = start_server(port)
-    try:
-        with demo(rpc=endpoint) as eft:
-            assert eft.generate(PROMPT, temperature=0).tokens == local_runs["eft"]
-            stop_server(server)
-            # Found before any decode: one line, and the same again while it stays away.
-            for _ in range(2):
-                with pytest.raises(EFTError) as err:
-                    within(10, eft.generate, PROMPT, temperature=0)
-                assert str(err.value) == f"RPC server {endpoint} is unreachable: Connection refused"
-            # A server restarted in between costs no error: the next request reconnects.
-            server = start_server(port)
-            assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
-            stop_server(server)
-            server = start_server(port)
-            assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
-    finally:
-        stop_server(server)
-
-
-@needs_rpc
-def test_served_model_answers_503_while_its_server_is_away(local_runs):
+def test_served_model_answers_503_while_its_server_is_away(local_runs, own_server):
     """Over HTTP a gone RPC server is 503 with Retry-After (the same request may work later), not
     a 400 for a bad request; once the server is back the next request is answered."""
     from fastapi.testclient import TestClient
 
     from eft_local.server import create_app
 
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    server = start_server(port)
+    endpoint = own_server.endpoint
     body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0}
-    try:
-        with demo(rpc=endpoint) as eft, TestClient(create_app(eft, model="demo")) as client:
-            assert client.post("/v1/chat/completions", json=body).status_code == 200
-            stop_server(server)
-            for stream in (False, True):
-                r = within(20, client.post, "/v1/chat/completions", json={**body, "stream": stream})
-                if stream:  # the stream has started: the error arrives as an event
-                    assert r.status_code == 200 and '"code": "unavailable"' in r.text and endpoint in r.text
-                else:
-                    assert r.status_code == 503 and r.headers["retry-after"] == "5"
-                    error = r.json()["error"]
-                    assert error["code"] == "unavailable" and error["type"] == "server_error"
-                    assert error["message"] == f"RPC server {endpoint} is unreachable: Connection refused"
-            server = start_server(port)
-            r = within(60, client.post, "/v1/chat/completions", json=body)
-            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
-    finally:
-        stop_server(server)
+    with demo(rpc=endpoint) as eft, TestClient(create_app(eft, model="demo")) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        own_server.stop()
+        for stream in (False, True):
+            r = within(20, client.post, "/v1/chat/completions", json={**body, "stream": stream})
+            if stream:  # the stream has started: the error arrives as an event
+                assert r.status_code == 200 and '"code": "unavailable"' in r.text and endpoint in r.text
+            else:
+                assert r.status_code == 503 and r.headers["retry-after"] == "5"
+                error = r.json()["error"]
+                assert error["code"] == "unavailable" and error["type"] == "server_error"
+                assert error["message"] == f"RPC server {endpoint} is unreachable: Connection refused"
+        own_server.start()
+        r = within(60, client.post, "/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
 
 @needs_rpc
-def test_stuck_server_times_out_and_session_recovers(local_runs, monkeypatch):
+def test_stuck_server_times_out_and_session_recovers(local_runs, monkeypatch, own_server):
     monkeypatch.setenv(rpc.DECODE_TIMEOUT_ENV, "2")
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    server = start_server(port)
-    try:
-        with demo(rpc=endpoint) as eft:
-            chunks = eft.stream(PROMPT, temperature=0, weights=[0], ignore_eos=True, max_tokens=200)
+    pid = own_server.proc.pid
+    with demo(rpc=own_server.endpoint) as eft:
+        chunks = eft.stream(PROMPT, temperature=0, weights=[0], ignore_eos=True, max_tokens=200)
 
-            def read() -> None:
-                for i, _ in enumerate(chunks):
-                    if i == 3:
-                        os.kill(server.pid, signal.SIGSTOP)  # alive, connected, never answers
+        def read() -> None:
+            for i, _ in enumerate(chunks):
+                if i == 3:
+                    os.kill(pid, signal.SIGSTOP)  # alive, connected, never answers
 
-            t0 = time.monotonic()
-            with pytest.raises(EFTError, match="did not finish decoding within 2 s"):
-                within(30, read)
-            assert time.monotonic() - t0 < 10
-            os.kill(server.pid, signal.SIGCONT)
-            assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-        stop_server(server)
+        t0 = time.monotonic()
+        with pytest.raises(EFTError, match="did not finish decoding within 2 s"):
+            within(30, read)
+        assert time.monotonic() - t0 < 10
+        os.kill(pid, signal.SIGCONT)
+        assert within(60, eft.generate, PROMPT, temperature=0).tokens == local_runs["eft"]
 
 
 # --- the server command ------------------------------------------------------------------------
