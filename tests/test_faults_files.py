@@ -18,7 +18,7 @@ import gguf
 import llama_cpp
 import pytest
 from click.testing import CliRunner
-from tiny_gguf import write_tiny_llama
+from tiny_gguf import rewrite_tiny, write_tiny_llama
 
 import eft_local.cli
 from eft_local.backend import Backend
@@ -133,26 +133,6 @@ def edit_header(src: Path, dst: Path, *, drop=(), add=None) -> Path:
         with open(dst, "wb") as out, memoryview(buf) as view, view[aligned(pos, alignment):] as data:
             out.write(head + bytes(aligned(len(head), alignment) - len(head)))
             out.write(data)
-    return dst
-
-
-def rewrite_tiny(src: Path, dst: Path, *, arch: str | None = None, drop_tensors=()) -> Path:
-    """Copy a GGUF file through gguf.GGUFReader and GGUFWriter, optionally breaking it."""
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), arch or r.fields["general.architecture"].contents())
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vtype = gguf.GGUFValueType(field.types[0])
-        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    for t in r.tensors:
-        if t.name not in drop_tensors:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     return dst
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny_gguf import EOS_ID, IM_END_ID
+from tiny_gguf import EOS_ID, IM_END_ID, rewrite_tiny
 
 from eft_local import EFT
 from eft_local.cli import main
@@ -239,23 +239,7 @@ def test_library_logs_notes_as_warnings(eos_tiny, caplog):
 
 def test_load_error_still_carries_llama_cpps_reason(tiny, tmp_path):
     """A file llama.cpp refuses: its reason in the one error line, nothing else on stderr."""
-    import gguf
-
-    r = gguf.GGUFReader(str(tiny["tuned"]))
-    bad = tmp_path / "arch.gguf"
-    w = gguf.GGUFWriter(str(bad), "nonsense")
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vtype = gguf.GGUFValueType(field.types[0])
-        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    bad = rewrite_tiny(tiny["tuned"], tmp_path / "arch.gguf", arch="nonsense")
     proc = cli("generate", "Hello", "-m", str(tiny["base"]), "--tuned", str(bad), "--reference",
                str(tiny["reference"]), "-t", "1")
     assert proc.returncode == 1

@@ -260,3 +260,23 @@ def write_tiny_llama(path, *, seed: int, n_layer: int = 2, n_embd: int = 64, n_h
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def rewrite_tiny(src: pathlib.Path, dst: pathlib.Path, *, arch: str | None = None, drop_tensors=()) -> pathlib.Path:
+    """Copy a GGUF file through gguf.GGUFReader and GGUFWriter, optionally breaking it."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch or r.fields["general.architecture"].contents())
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        if t.name not in drop_tensors:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
