@@ -56,6 +56,20 @@ def model_devices(devices: Sequence[int] | None) -> Iterator[object]:
             module.llama_model_default_params = default
 
 
+def sync_cache(model: "Backend", tokens: Sequence[int]) -> int:
+    """``model.sync``: trim its cache to the longest common prefix with ``tokens``, evaluate the
+    rest; returns how many tokens were evaluated. For any model with ``tokens``, ``trim``,
+    ``eval`` and ``n_evaluated`` (a local ``Backend``, an ``rpc.RPCBackend``)."""
+    if not tokens:
+        raise ValueError("cannot evaluate an empty prompt")
+    # The last token is always evaluated again: its logits are what the caller wants.
+    keep = min(common_prefix(model.tokens, tokens), len(tokens) - 1)
+    before = model.n_evaluated
+    model.trim(keep)
+    model.eval(tokens[keep:])
+    return model.n_evaluated - before
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
@@ -205,14 +219,7 @@ class Backend:
         Reuses the longest common prefix with what is cached; returns how many tokens were
         evaluated.
         """
-        if not tokens:
-            raise ValueError("cannot evaluate an empty prompt")
-        # The last token is always evaluated again: its logits are what the caller wants.
-        keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)
-        before = self.n_evaluated
-        self.trim(keep)
-        self.eval(tokens[keep:])
-        return self.n_evaluated - before
+        return sync_cache(self, tokens)
 
     def reset(self) -> None:
         """Forget the whole cache."""

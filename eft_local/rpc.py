@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backend import common_prefix
+from .backend import sync_cache
 from .errors import EFTError, UnavailableError
 from .interrupts import sigint_deferred
 from .log import llama_logger
@@ -490,11 +490,7 @@ class RPCBackend:
         if not tokens:
             raise ValueError("cannot evaluate an empty prompt")
         self._reconnect_if_closed()
-        keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)
-        before = self.n_evaluated
-        self.trim(keep)
-        self.eval(tokens[keep:])
-        return self.n_evaluated - before
+        return sync_cache(self, tokens)
 
     def _reconnect_if_closed(self) -> None:
         """Before a request: replace a worker whose server closed its connection since the last
