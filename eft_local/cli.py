@@ -96,6 +96,12 @@ def stderr_logging(verbose: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def verbose_requested() -> bool:
+    """Whether this command runs verbose: --verbose/-v, or EFT_LOCAL_DEBUG set."""
+    ctx = click.get_current_context(silent=True)
+    return bool(os.environ.get(DEBUG_ENV)) or bool(ctx is not None and ctx.meta.get(VERBOSE))
+
+
 def handle_errors(f: Callable) -> Callable:
     """Turn library errors into ``error: ...`` on stderr and exit status 1, never a traceback.
 
@@ -104,10 +110,8 @@ def handle_errors(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context(silent=True)
-        verbose = bool(os.environ.get(DEBUG_ENV)) or bool(ctx is not None and ctx.meta.get(VERBOSE))
         try:
-            with stderr_logging(verbose):
+            with stderr_logging(verbose_requested()):
                 return f(*args, **kwargs)
         except EFTError as e:
             fail(str(e))

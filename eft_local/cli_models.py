@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,12 +43,12 @@ def pull(recipe: str, quiet: bool) -> None:
     """
     import huggingface_hub  # noqa: F401 - its logger is configured on import, so quiet it after
 
-    from .cli import DEBUG_ENV, VERBOSE
+    from .cli import verbose_requested
 
     # huggingface-hub prints its own retry notices; a failed pull ends in one line of ours.
     hub = logging.getLogger("huggingface_hub")
     level = hub.level
-    if not (os.environ.get(DEBUG_ENV) or click.get_current_context().meta.get(VERBOSE)):
+    if not verbose_requested():
         hub.setLevel(logging.CRITICAL)
     try:
         paths = rc.pull(recipe, progress=not quiet)
