@@ -56,6 +56,29 @@ def model_devices(devices: Sequence[int] | None) -> Iterator[object]:
             module.llama_model_default_params = default
 
 
+def check_eval(model: "Backend", tokens: Sequence[int], n_logits: int) -> None:
+    """Refuse an ``eval`` before anything runs: no tokens, rows that do not fit the last chunk,
+    or more tokens than the context holds. For a local ``Backend`` and an ``rpc.RPCBackend``."""
+    if not tokens:
+        raise ValueError("eval needs at least one token")
+    if not 1 <= n_logits <= min(len(tokens), model.n_batch):
+        raise ValueError(f"n_logits must be in [1, {min(len(tokens), model.n_batch)}], got {n_logits}")
+    if len(model.tokens) + len(tokens) > model.n_ctx:
+        raise EFTError(f"context full: {len(model.tokens)} + {len(tokens)} tokens exceed the context of {model.n_ctx}")
+
+
+def batch_chunks(n: int, n_batch: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of ``n`` items in pieces of at most ``n_batch`` (a larger batch aborts
+    llama.cpp). The first piece is the short one, so the last ends at ``n`` with up to
+    ``n_batch`` items: every row that needs logits fits in it."""
+    start = 0
+    first_len = n % n_batch or n_batch
+    while start < n:
+        end = start + (first_len if start == 0 else n_batch)
+        yield start, end
+        start = end
+
+
 def sync_cache(model: "Backend", tokens: Sequence[int]) -> int:
     """``model.sync``: trim its cache to the longest common prefix with ``tokens``, evaluate the
     rest; returns how many tokens were evaluated. For any model with ``tokens``, ``trim``,
@@ -140,25 +163,13 @@ class Backend:
         Long inputs are split into n_batch chunks (a larger batch aborts llama.cpp); the rows
         with logits must all fit in the final chunk.
         """
-        if not tokens:
-            raise ValueError("eval needs at least one token")
-        if not 1 <= n_logits <= min(len(tokens), self.n_batch):
-            raise ValueError(f"n_logits must be in [1, {min(len(tokens), self.n_batch)}], got {n_logits}")
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise EFTError(
-                f"context full: {len(self.tokens)} + {len(tokens)} tokens exceed the context of {self.n_ctx}"
-            )
+        check_eval(self, tokens, n_logits)
         # Whatever the cache holds past our history (a decode cut short) is dropped first.
         llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
-        # Chunks end at the token list's end, so the first chunk is the short one.
-        start = 0
-        first_len = len(tokens) % self.n_batch or self.n_batch
-        while start < len(tokens):
-            end = start + (first_len if start == 0 else self.n_batch)
+        for start, end in batch_chunks(len(tokens), self.n_batch):
             chunk = tokens[start:end]
             last_chunk = end >= len(tokens)
             self._decode(chunk, len(chunk) - n_logits if last_chunk else len(chunk))
-            start = end
 
     def _decode(self, chunk: Sequence[int], first_output: int) -> None:
         # Ctrl-C waits until the token list records what the cache now holds.

@@ -28,7 +28,7 @@ from typing import Iterable, NamedTuple, Sequence
 import llama_cpp
 import numpy as np
 
-from .backend import Backend, common_prefix
+from .backend import Backend, batch_chunks, common_prefix
 from .errors import EFTError
 from .interrupts import sigint_deferred
 from .log import llama_log_scope
@@ -150,12 +150,8 @@ class MultiBackend:
         n_heads = len(entries)
         for f in feeds:
             entries.extend((f.slot, t) for t in f.tokens[len(f.tokens) - f.n_logits :])
-        start = 0
-        first_len = len(entries) % self.n_batch or self.n_batch
-        while start < len(entries):
-            end = start + (first_len if start == 0 else self.n_batch)
+        for start, end in batch_chunks(len(entries), self.n_batch):
             self._decode(entries[start:end], max(n_heads - start, 0))
-            start = end
         # Only the first chunk is short, so the last one starts n_batch before the end; in it
         # the rows with logits follow the heads, in slot order.
         row = n_heads - max(len(entries) - self.n_batch, 0)

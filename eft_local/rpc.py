@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backend import sync_cache
+from .backend import batch_chunks, check_eval, sync_cache
 from .errors import EFTError, UnavailableError
 from .interrupts import sigint_deferred
 from .log import llama_logger
@@ -447,24 +447,15 @@ class RPCBackend:
         One worker call per n_batch chunk, so the decode timeout bounds one llama_decode.
         """
         tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("eval needs at least one token")
-        if not 1 <= n_logits <= min(len(tokens), self.n_batch):
-            raise ValueError(f"n_logits must be in [1, {min(len(tokens), self.n_batch)}], got {n_logits}")
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise EFTError(f"context full: {len(self.tokens)} + {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        check_eval(self, tokens, n_logits)
         timeout = decode_timeout()
-        first_len = len(tokens) % self.n_batch or self.n_batch
-        start = 0
-        while start < len(tokens):
-            end = start + (first_len if start == 0 else self.n_batch)
+        for start, end in batch_chunks(len(tokens), self.n_batch):
             chunk = tokens[start:end]
             n_rows = n_logits if end >= len(tokens) else 1
             self._rows = None
             rows = self._call("eval", chunk, n_rows, timeout=timeout)
             self.tokens.extend(chunk)
             self._rows = np.frombuffer(rows, dtype=np.float32).reshape(n_rows, self.n_vocab)
-            start = end
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Raw logits of output row ``i`` of the last eval (-1: the last token)."""
