@@ -7,7 +7,7 @@ Speculative decoding is exact in exact arithmetic: base and reference score the 
 and the K drafts in ONE batched llama_decode, and that batch is assumed to give the same
 log-probabilities as K+1 one-token decodes. llama.cpp's batched kernels may add in a different
 order than its one-token kernels, so on real hardware the two can differ. This script measures
-by how much, with eft_local.backend.Backend (the library's own decode path), 1 thread.
+by how much, with eft_local.runtime.context.LocalBackend (the library's own decode path), 1 thread.
 
 (a) Per model file: evaluate a prompt (one batch), then the model's own greedy continuation of
     T tokens c_0..c_{T-1} twice on top of it: one token per llama_decode (as plain EFT decodes),
@@ -63,8 +63,8 @@ from build import F32, SMOLLM2_135M, write_random_llama  # noqa: E402
 from tiny_gguf import write_tiny_llama  # noqa: E402
 
 from eft_local import EFT  # noqa: E402
-from eft_local.backend import Backend  # noqa: E402
-from eft_local.combine import log_softmax  # noqa: E402
+from eft_local.runtime.context import LocalBackend  # noqa: E402
+from eft_local.core.combine import log_softmax  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "eft-local" / "exactness"
 DEMO = ROOT / "models" / "demo"
@@ -126,7 +126,7 @@ def link_or_copy(src: Path, dst: Path) -> Path:
 # --- (a) batched vs one-token decodes ---------------------------------------------------------
 
 
-def one_token_pass(b: Backend, prompt: list[int], t: int) -> tuple[list[int], np.ndarray]:
+def one_token_pass(b: LocalBackend, prompt: list[int], t: int) -> tuple[list[int], np.ndarray]:
     """Greedy continuation c_0..c_t, one llama_decode per token; rows[i] predicts c_{i+1}."""
     b.reset()
     b.eval(prompt)
@@ -140,7 +140,7 @@ def one_token_pass(b: Backend, prompt: list[int], t: int) -> tuple[list[int], np
     return cont, np.array(rows)
 
 
-def batched_pass(b: Backend, prompt: list[int], cont: list[int], t: int, size: int) -> np.ndarray:
+def batched_pass(b: LocalBackend, prompt: list[int], cont: list[int], t: int, size: int) -> np.ndarray:
     """The same rows from c_0..c_{t-1} decoded in batches of ``size`` with logits at every position."""
     b.reset()
     b.eval(prompt)
@@ -154,7 +154,7 @@ def batched_pass(b: Backend, prompt: list[int], cont: list[int], t: int, size: i
 
 def measure_file(path: Path, t: int, sizes: list[int]) -> dict:
     """One-token rows against rows from one batch of ``t``, and batches of ``sizes`` against that batch."""
-    b = Backend(path, n_ctx=512, n_threads=THREADS)
+    b = LocalBackend(path, n_ctx=512, n_threads=THREADS)
     try:
         full, chosen, gaps, flip_gaps = [], [], [], []
         control = between_batches = 0.0
@@ -226,11 +226,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def run_triple(name: str, triple: dict[str, Path], prompts: tuple[str, ...], n: int, ks: list[int]) -> list[str]:
     rows = []
     with EFT(triple["base"], triple["tuned"], triple["reference"], n_threads=THREADS, n_ctx=512) as eft:
-        n_models = len(eft.backends)
+        n_models = len(eft.model_set.backends)
         for prompt in prompts:
             runs = {}
             for k in [None, *ks]:
-                for b in eft.backends:
+                for b in eft.model_set.backends:
                     b.reset()
                 runs[k] = eft.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True, speculative=k)
             plain = runs[None].tokens

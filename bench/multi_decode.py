@@ -3,11 +3,11 @@
     python bench/multi_decode.py [--threads 1] [--steps 16] [--rounds 5] [--context 64] [MODEL ...]
 
 Without model paths: the demo base (models/demo/base.gguf, F32) and SmolLM2-135M-Instruct Q4_1
-(from the test cache). For each model, one MultiBackend with 8 slots each holding a prompt of
+(from the test cache). For each model, one Context with 8 slots each holding a prompt of
 ``--context`` tokens; a step decodes one token for each of slots 0..N-1 (N = 1, 2, 4, 8) in one
 llama_decode, and the slots are trimmed back after each timing, so every N sees the same context.
 Rounds interleave the values of N; each cell is the median over rounds. The first row is a
-single-sequence Backend decoding one token at a time, for reference. Prints a markdown table.
+single-sequence LocalBackend decoding one token at a time, for reference. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from eft_local.backend import Backend  # noqa: E402
-from eft_local.multi_backend import Feed, MultiBackend  # noqa: E402
+from eft_local.runtime.context import LocalBackend  # noqa: E402
+from eft_local.runtime.context import Context, Feed  # noqa: E402
 
 SLOTS = (1, 2, 4, 8)
 
 
-def time_steps(multi: MultiBackend, n: int, steps: int, context: int) -> float:
+def time_steps(multi: Context, n: int, steps: int, context: int) -> float:
     """Tokens per second over ``steps`` decodes of one token for each of slots 0..n-1."""
     t0 = time.perf_counter()
     for k in range(steps):
@@ -41,7 +41,7 @@ def time_steps(multi: MultiBackend, n: int, steps: int, context: int) -> float:
     return n * steps / seconds
 
 
-def time_backend(backend: Backend, steps: int, context: int) -> float:
+def time_backend(backend: LocalBackend, steps: int, context: int) -> float:
     t0 = time.perf_counter()
     for k in range(steps):
         backend.eval([7 + k % 50])
@@ -51,17 +51,17 @@ def time_backend(backend: Backend, steps: int, context: int) -> float:
 
 
 def bench_model(path: str, threads: int, steps: int, rounds: int, context: int) -> dict[str, float]:
-    backend = Backend(path, n_ctx=256, n_threads=threads)
-    multi = MultiBackend(backend, n_slots=max(SLOTS), n_ctx=max(SLOTS) * 256, n_threads=threads)
+    backend = LocalBackend(path, n_ctx=256, n_threads=threads)
+    multi = Context(backend.model, n_batch=backend.n_batch, n_slots=max(SLOTS), n_ctx=max(SLOTS) * 256, n_threads=threads)
     try:
         rng = np.random.default_rng(0)
         prompts = [list(map(int, rng.integers(5, backend.n_vocab, size=context))) for _ in range(max(SLOTS))]
         multi.decode([Feed(s, p, 1) for s, p in enumerate(prompts)])
         backend.eval(prompts[0])
         time_steps(multi, max(SLOTS), 2, context)  # warm up
-        results: dict[str, list[float]] = {"Backend": [], **{str(n): [] for n in SLOTS}}
+        results: dict[str, list[float]] = {"LocalBackend": [], **{str(n): [] for n in SLOTS}}
         for _ in range(rounds):
-            results["Backend"].append(time_backend(backend, steps, context))
+            results["LocalBackend"].append(time_backend(backend, steps, context))
             for n in SLOTS:
                 results[str(n)].append(time_steps(multi, n, steps, context))
         return {k: statistics.median(v) for k, v in results.items()}
@@ -86,7 +86,7 @@ def main(models: tuple[str, ...], threads: int, steps: int, rounds: int, context
     click.echo(f"cores: {os.cpu_count()}; threads: {threads}; context per slot: {context} tokens\n")
     click.echo("| sequences per decode | " + " | ".join(f"{n} tok/s | ratio" for n in names) + " |")
     click.echo("|---|" + "---|---|" * len(names))
-    for row, label in [("Backend", "1 (Backend, single-sequence context)")] + [(str(n), str(n)) for n in SLOTS]:
+    for row, label in [("LocalBackend", "1 (LocalBackend, single-sequence context)")] + [(str(n), str(n)) for n in SLOTS]:
         cells = [f"{table[n][row]:.1f} | {table[n][row] / table[n]['1']:.2f}" for n in names]
         click.echo(f"| {label} | " + " | ".join(cells) + " |")
 

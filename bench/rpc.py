@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from eft_local import EFT  # noqa: E402
-from eft_local.rpc import reachable  # noqa: E402
+from eft_local.runtime.rpc import reachable  # noqa: E402
 
 PROMPT = "Where was Patroul born?"
 

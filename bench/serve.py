@@ -258,10 +258,10 @@ def bench_set(name: str, model_args: list[str], model: str, requests: int, max_t
 def ceiling(path: Path, slots: int = 8) -> tuple[float, float]:
     """llama.cpp's own aggregate tokens/s for 1 and ``slots`` sequences per decode (bench/multi_decode.py)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from multi_decode import Backend, MultiBackend, Feed, time_steps
+    from multi_decode import Context, Feed, LocalBackend, time_steps
 
-    backend = Backend(str(path), n_ctx=256, n_threads=1)
-    multi = MultiBackend(backend, n_slots=slots, n_ctx=slots * 256, n_threads=1)
+    backend = LocalBackend(str(path), n_ctx=256, n_threads=1)
+    multi = Context(backend.model, n_batch=backend.n_batch, n_slots=slots, n_ctx=slots * 256, n_threads=1)
     try:
         multi.decode([Feed(s, list(range(100, 132)), 1) for s in range(slots)])
         time_steps(multi, slots, 2, 32)

@@ -35,7 +35,7 @@ import real_models  # noqa: E402
 from build import F32, SMOLLM2_1_7B, SMOLLM2_135M, write_random_llama  # noqa: E402
 
 from eft_local import EFT  # noqa: E402
-from eft_local.backend import Backend  # noqa: E402
+from eft_local.runtime.context import LocalBackend  # noqa: E402
 
 PROMPT = "The history of the old city begins with"
 THREADS = os.cpu_count() or 1  # per model; --threads changes it
@@ -113,7 +113,7 @@ def ratio(results: dict[str, list[dict]], name: str, over: str) -> float:
     return median([a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(results[name], results[over])])
 
 
-def batch_cost(b: Backend, n: int) -> float:
+def batch_cost(b: LocalBackend, n: int) -> float:
     """Time of one decode of ``n`` tokens (logits at each) over that of one token, after the prompt."""
     b.sync(b.tokenize(PROMPT))
     start = len(b.tokens)
@@ -198,7 +198,7 @@ def section_spec(title: str, paths: dict[str, Path], tokens: int, ks: list) -> l
         runs["EFT"] = eft_runner(eft, tokens)
         runs.update({k: eft_runner(eft, tokens, speculative=k) for k in ks})
         res = interleaved(runs)
-        cost = {role: batch_cost(eft.models[role], 5) for role in ("base", "reference")}
+        cost = {role: batch_cost(eft.model_set.by_role[role], 5) for role in ("base", "reference")}
     click.echo(f"base alone {tps(res['base']):.2f} tokens/s, reference alone {tps(res['reference']):.2f} tokens/s "
                f"(base costs {ratio(res, 'reference', 'base'):.1f}x the reference); one decode of 5 tokens costs the "
                f"base {cost['base']:.2f}x one token, the reference {cost['reference']:.2f}x\n")
@@ -218,7 +218,7 @@ def section_spec(title: str, paths: dict[str, Path], tokens: int, ks: list) -> l
 
 def section_demo(paths: dict[str, Path], ks: list, n_items: int = 40) -> list[tuple]:
     """The demo triple on its held-out questions (chat, greedy, replies end by themselves)."""
-    from eft_local import evaluate as ev
+    from eft_local.evaluation import evaluate as ev
 
     click.echo(f"\n### (c) the demo triple: {n_items} held-out questions, greedy, up to 32 tokens each\n")
     items = ev.load_items(ROOT / "models" / "demo" / "heldout.jsonl")[:n_items]

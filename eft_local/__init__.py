@@ -5,12 +5,12 @@
         print(eft.generate("Where is Paris?", temperature=0).text)
 """
 
-from .combine import eft_logprobs, log_softmax
-from .engine import EFT, Chunk, Completion
-from .errors import EFTError, UnavailableError
-from .params import SamplingParams
-from .sampling import Sampler
-from .vocab import check_vocabularies, read_vocab
+from .core.combine import eft_logprobs, log_softmax
+from .engine.eft import EFT, Chunk, Completion
+from .core.errors import EFTError, UnavailableError
+from .core.params import SamplingParams
+from .core.sampling import Sampler
+from .runtime.vocab import check_vocabularies, read_vocab
 
 __all__ = [
     "EFT",

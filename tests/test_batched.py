@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from eft_local import EFT, EFTError
-from eft_local import evaluate as ev
+from eft_local.evaluation import evaluate as ev
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 QUESTIONS = [json.loads(line)["prompt"] for line in (DEMO / "heldout.jsonl").read_text().splitlines()[:12]]
@@ -64,7 +64,7 @@ def test_concurrent_requests_get_what_each_gets_alone(alone):
 def test_requests_queued_at_once_share_steps(alone):
     """All requests queued before any is read: each still gets its own tokens, in far fewer
     decode steps than tokens."""
-    from eft_local.results import Completion
+    from eft_local.engine.results import Completion
 
     with demo(parallel=4) as eft:
         streams = [eft.stream(q, **kw) for q, kw in REQUESTS]
@@ -136,9 +136,9 @@ def test_eval_parallel_gives_the_same_results():
 
 
 def test_a_failed_step_ends_its_requests_and_the_batcher_goes_on(alone, monkeypatch):
-    from eft_local import multi_backend
+    from eft_local.runtime.context import Context
 
-    real = multi_backend.MultiBackend.decode
+    real = Context.decode
     calls = {"n": 0}
 
     def flaky(self, feeds):
@@ -148,7 +148,7 @@ def test_a_failed_step_ends_its_requests_and_the_batcher_goes_on(alone, monkeypa
         return real(self, feeds)
 
     with demo(parallel=2) as eft:
-        monkeypatch.setattr(multi_backend.MultiBackend, "decode", flaky)
+        monkeypatch.setattr(Context, "decode", flaky)
         with pytest.raises(EFTError, match="llama_decode failed"):
             eft.generate(QUESTIONS[1], temperature=0, ignore_eos=True, max_tokens=30)
         assert eft.generate(QUESTIONS[0], temperature=0).text == alone[0][0]

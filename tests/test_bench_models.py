@@ -13,14 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from build import F32, Q4_0, Shape, write_random_llama  # noqa: E402
 
-from eft_local.backend import Backend  # noqa: E402
+from eft_local.runtime.context import LocalBackend  # noqa: E402
 
 SMALL = Shape(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128)
 TEXT = "The history of the old city begins with"
 
 
 def last_logits(path: Path) -> np.ndarray:
-    b = Backend(path, n_ctx=64, n_threads=1)
+    b = LocalBackend(path, n_ctx=64, n_threads=1)
     try:
         b.eval(b.tokenize(TEXT))
         return b.logits().copy()

@@ -13,13 +13,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner, Result
 
-from eft_local.cli import LEAVE_HINT, chat_loop, main, parse_delta
-from eft_local.engine import EFT, Chunk
-from eft_local.errors import EFTError
+from eft_local.cli import main
+from eft_local.cli.chat import LEAVE_HINT, chat_loop
+from eft_local.core.deltas import parse_delta
+from eft_local.engine.eft import EFT, Chunk
+from eft_local.core.errors import EFTError
 from tiny_gguf import ALT_DIFF_ID, ALT_DIFF_TEXT, BASE_DIFF_TEXT, N_VOCAB_BASE
 
 EFT_LOCAL = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "eft-local"
@@ -647,10 +648,10 @@ def test_parse_delta_ambiguous_and_malformed(colon_files):
     # Both "a" + "b:r" and "a:b" + "r" name existing files.
     for name in ("a", "b:r", "a:b", "r"):
         (colon_files / name).write_bytes(b"")
-    with pytest.raises(click.UsageError, match=r"'a:b:r' is ambiguous: it reads as 'a' and 'b:r' .* or 'a:b' and 'r'"):
+    with pytest.raises(EFTError, match=r"'a:b:r' is ambiguous: it reads as 'a' and 'b:r' .* or 'a:b' and 'r'"):
         parse_delta("a:b:r")
     for bad in ("only-one-path", "t.gguf:r.gguf:heavy", "x:y:z:w", ":r.gguf"):
-        with pytest.raises(click.UsageError, match="is not TUNED:REFERENCE"):
+        with pytest.raises(EFTError, match="is not TUNED:REFERENCE"):
             parse_delta(bad)
 
 

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from eft_local.combine import eft_logprobs, log_softmax
+from eft_local.core.combine import eft_logprobs, log_softmax
 
 # Hand-picked distributions whose EFT combinations are exact decimals (see test_hand_example).
 P_BASE = np.array([0.4, 0.3, 0.2, 0.1])

@@ -38,9 +38,9 @@ def recompute(paths, tokens, weights):
 def test_two_deltas_match_fresh_evaluation(tiny, tuned2):
     deltas = [(tiny["tuned"], tiny["reference"], 0.7), (tuned2, tiny["reference"], 0.4)]
     with EFT(tiny["base"], deltas=deltas) as eft:
-        assert eft.roles == ["base", "tuned", "reference", "tuned2", "reference2"]
+        assert eft.model_set.roles == ["base", "tuned", "reference", "tuned2", "reference2"]
         # reference is shared by both deltas: four models, not five.
-        assert len(eft.backends) == 4 and eft.models["reference"] is eft.models["reference2"]
+        assert len(eft.model_set.backends) == 4 and eft.model_set.by_role["reference"] is eft.model_set.by_role["reference2"]
         for text in ("Hello world", "a cat and a dog"):
             tokens = eft.prompt_tokens(text, raw=True)["tuned"]
             want = recompute({"base": tiny["base"], "deltas": [d[:2] for d in deltas]}, tokens, [0.7, 0.4])
@@ -53,7 +53,7 @@ def test_two_deltas_match_fresh_evaluation(tiny, tuned2):
 def test_shared_model_is_evaluated_once_per_step(tiny, tuned2):
     deltas = [(tiny["tuned"], tiny["reference"]), (tuned2, tiny["reference"])]
     with EFT(tiny["base"], deltas=deltas) as eft:
-        ref, base = eft.models["reference"], eft.models["base"]
+        ref, base = eft.model_set.by_role["reference"], eft.model_set.by_role["base"]
         out = eft.generate("Hello world", temperature=0, max_tokens=12, ignore_eos=True)
         assert len(out.tokens) == 12
         # One prefill decode and one decode per appended token, for the shared model as for any.
@@ -63,13 +63,13 @@ def test_shared_model_is_evaluated_once_per_step(tiny, tuned2):
 
 def test_weights_change_between_turns_without_reload(tiny):
     with EFT(tiny["base"], tiny["tuned"], tiny["reference"]) as eft:
-        backends = list(eft.backends)
+        backends = list(eft.model_set.backends)
         messages = [{"role": "user", "content": "Hello world"}]
         first = eft.chat(messages, temperature=0, max_tokens=10)
         eft.weight = 0.0
         base_only = eft.chat(messages, temperature=0, max_tokens=10)
         assert base_only.stats["prompt_eval_tokens"] == 1  # the cache survived the change
-        assert eft.backends == backends
+        assert eft.model_set.backends == backends
         per_call = eft.chat(messages, temperature=0, max_tokens=10, weights=[1.0])
         assert per_call.tokens == first.tokens and eft.weight == 0.0
         eft.set_weights([1.0])
@@ -129,15 +129,15 @@ def test_cli_delta_option(tiny, tuned2):
 def test_chat_weight_commands(tiny, tuned2):
     import io
 
-    from eft_local.cli import chat_loop
+    from eft_local.cli.chat import chat_loop
 
     lines = iter(["/weight 0.5", "/delta 2 weight 0.25", "/delta 3 weight 1", "/weight x", "Hello world", "/exit"])
     out = io.StringIO()
     with EFT(tiny["base"], deltas=[(tiny["tuned"], tiny["reference"]), (tuned2, tiny["reference"])]) as eft:
-        backends = list(eft.backends)
+        backends = list(eft.model_set.backends)
         chat_loop(eft, {"temperature": 0, "max_tokens": 5}, read=lambda _: next(lines), out=out)
         assert eft.weights == [0.5, 0.25]
-        assert eft.backends == backends
+        assert eft.model_set.backends == backends
     text = out.getvalue()
     assert "(delta 1 weight 0.5)" in text and "(delta 2 weight 0.25)" in text
     assert text.count("usage: /weight W") == 2

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from eft_local import evaluate as ev
+from eft_local.evaluation import evaluate as ev
 from eft_local.cli import main
-from eft_local.recipes import models_dir, resolve
+from eft_local.hub.recipes import models_dir, resolve
 
 DEMO = models_dir() / "demo"
 N_ITEMS = 120
@@ -95,7 +95,7 @@ def test_models_lists_the_demo_as_present():
 
 def test_runtime_does_not_import_torch():
     """Only the demo's training script needs torch."""
-    code = "import sys, eft_local.cli, eft_local.engine, eft_local.evaluate; sys.exit('torch' in sys.modules)"
+    code = "import sys, eft_local.cli, eft_local.engine.eft, eft_local.evaluation.evaluate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

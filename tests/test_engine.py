@@ -35,8 +35,8 @@ def same(tokens):
 
 
 def test_three_distinct_models_loaded(eft):
-    assert len(eft.backends) == 3
-    assert eft.n_shared == eft.models["base"].n_vocab
+    assert len(eft.model_set.backends) == 3
+    assert eft.model_set.n_shared == eft.model_set.by_role["base"].n_vocab
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.5, 2.0])
@@ -46,12 +46,12 @@ def test_next_logprobs_match_fresh_evaluation(eft, fresh, weight):
         for text in PROMPTS:
             tokens = eft.prompt_tokens(text, raw=True)["tuned"]
             got = eft.next_logprobs(tokens)
-            want = recompute(fresh, same(tokens), weight, eft.n_shared)
+            want = recompute(fresh, same(tokens), weight, eft.model_set.n_shared)
             assert got.shape == want.shape
             assert np.abs(np.exp(got).sum() - 1) < 1e-9
             np.testing.assert_allclose(got, want, atol=1e-3)
             # Not trivially close: the delta really moves the base distribution.
-            base_only = recompute(fresh, same(tokens), 0.0, eft.n_shared)
+            base_only = recompute(fresh, same(tokens), 0.0, eft.model_set.n_shared)
             assert np.abs(want - base_only).max() > 0.1
     finally:
         eft.weight = 1.0
@@ -71,25 +71,25 @@ def test_greedy_path_follows_argmax_across_two_chat_turns(tiny, fresh):
         messages = [{"role": "user", "content": "Hello world"}]
         first = eft.chat(messages, temperature=0, max_tokens=32)
         assert first.stats["completion_tokens"] >= 30 or first.finish_reason == "stop"
-        assert_greedy_path(fresh, same(eft.prompt_tokens(messages=messages)["tuned"]), first.tokens, 1.0, eft.n_shared)
+        assert_greedy_path(fresh, same(eft.prompt_tokens(messages=messages)["tuned"]), first.tokens, 1.0, eft.model_set.n_shared)
 
         messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "what is the answer"}]
-        evaluated = eft.models["base"].n_evaluated
+        evaluated = eft.model_set.by_role["base"].n_evaluated
         second = eft.chat(messages, temperature=0, max_tokens=32)
         prompt = eft.prompt_tokens(messages=messages)["tuned"]
         # The second turn reuses the cached conversation: only the new tail is evaluated.
         assert second.stats["prompt_tokens"] == len(prompt)
         assert second.stats["prompt_eval_tokens"] < len(prompt) / 2
-        assert eft.models["base"].n_evaluated - evaluated < len(prompt) / 2 + len(second.tokens)
-        assert_greedy_path(fresh, same(prompt), second.tokens, 1.0, eft.n_shared)
+        assert eft.model_set.by_role["base"].n_evaluated - evaluated < len(prompt) / 2 + len(second.tokens)
+        assert_greedy_path(fresh, same(prompt), second.tokens, 1.0, eft.model_set.n_shared)
 
 
 def test_repeated_prompt_evaluates_one_token(eft):
     tokens = eft.prompt_tokens("The capital of France is", raw=True)["tuned"]
     first = eft.next_logprobs(tokens).copy()
-    before = [b.n_evaluated for b in eft.backends]
+    before = [b.n_evaluated for b in eft.model_set.backends]
     again = eft.next_logprobs(tokens)
-    assert [b.n_evaluated - n for b, n in zip(eft.backends, before)] == [1, 1, 1]
+    assert [b.n_evaluated - n for b, n in zip(eft.model_set.backends, before)] == [1, 1, 1]
     np.testing.assert_allclose(again, first, atol=1e-4)
 
 
@@ -116,7 +116,7 @@ def test_tuned_equal_reference_is_the_base_model(tiny, tmp_path, prompt):
     assert len(ids) >= 10
     reference = copy_model(tiny["tuned"], tmp_path / "reference-copy.gguf")
     with EFT(tiny["base"], tiny["tuned"], reference) as eft:
-        assert len(eft.backends) == 3
+        assert len(eft.model_set.backends) == 3
         out = eft.generate(prompt, raw=True, temperature=0, max_tokens=30)
     assert out.tokens == ids
     assert out.text == text
@@ -132,10 +132,10 @@ def test_weight_zero_is_the_base_model(tiny):
 
 def test_shared_file_is_loaded_once(tiny):
     with EFT(tiny["base"], tiny["tuned"], tiny["tuned"]) as eft:
-        assert len(eft.backends) == 2
-        assert eft.models["tuned"] is eft.models["reference"]
+        assert len(eft.model_set.backends) == 2
+        assert eft.model_set.by_role["tuned"] is eft.model_set.by_role["reference"]
         lp = eft.next_logprobs(eft.prompt_tokens("Hello world", raw=True)["tuned"])
-        base = eft.models["base"]
+        base = eft.model_set.by_role["base"]
         want = base.logits().astype(np.float64)
         want = want - want.max() - np.log(np.exp(want - want.max()).sum())
         np.testing.assert_allclose(lp, want, atol=1e-9)
@@ -153,7 +153,7 @@ def test_sampled_tokens_follow_the_combined_distribution(eft):
     counts = np.zeros_like(p)
     for seed in range(n):
         out = eft.generate("Hello world", raw=True, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=1, seed=seed)
-        counts[out.tokens[0] if out.tokens else eft.models["tuned"].eos_id] += 1
+        counts[out.tokens[0] if out.tokens else eft.model_set.by_role["tuned"].eos_id] += 1
     expected = p * n
     big = expected >= 5
     obs = np.append(counts[big], counts[~big].sum())
@@ -163,7 +163,7 @@ def test_sampled_tokens_follow_the_combined_distribution(eft):
     assert dof >= 5
     assert stat < chi_square_critical(dof)
     # The test can fail: the base model's own distribution is rejected.
-    base = eft.models["base"]
+    base = eft.model_set.by_role["base"]
     eft.next_logprobs(tokens)
     q = np.exp(base.logits().astype(np.float64) - base.logits().max())
     q /= q.sum()
@@ -218,7 +218,7 @@ def test_end_of_generation_token_stops(eft, monkeypatch):
     out = eft.generate("Hello world", temperature=0, max_tokens=10)
     assert out.finish_reason == "stop"
     assert out.tokens == greedy.tokens[:4]
-    assert eft.models["tuned"].is_eog(IM_END_ID)
+    assert eft.model_set.by_role["tuned"].is_eog(IM_END_ID)
 
 
 def test_concurrent_equals_sequential(tiny):
@@ -238,17 +238,17 @@ def test_plain_base_prompt(tiny, fresh):
         assert prompts["tuned"][1] == 3  # <|im_start|>: the chat template
         assert 3 not in prompts["base"]
         out = eft.chat(messages, temperature=0, max_tokens=12)
-        assert_greedy_path(fresh, prompts, out.tokens, 1.0, eft.n_shared)
+        assert_greedy_path(fresh, prompts, out.tokens, 1.0, eft.model_set.n_shared)
 
 
 def test_padded_base_combines_over_shared_range(tiny):
     with EFT(tiny["padded"], tiny["tuned"], tiny["reference"]) as eft:
-        assert eft.models["base"].n_vocab == eft.n_shared + 64
+        assert eft.model_set.by_role["base"].n_vocab == eft.model_set.n_shared + 64
         lp = eft.next_logprobs(eft.prompt_tokens("Hello world", raw=True)["tuned"])
-        assert lp.shape == (eft.n_shared,)
+        assert lp.shape == (eft.model_set.n_shared,)
         assert abs(np.exp(lp).sum() - 1) < 1e-9
         out = eft.generate("Hello world", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=20, seed=1)
-        assert all(t < eft.n_shared for t in out.tokens)
+        assert all(t < eft.model_set.n_shared for t in out.tokens)
 
 
 def test_incompatible_vocabulary_fails_before_loading(tiny):
@@ -269,7 +269,7 @@ def test_prompt_longer_than_context(tiny):
 
 def test_generation_stops_at_context_end(tiny):
     with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=256) as eft:
-        n_ctx = eft.n_ctx
+        n_ctx = eft.model_set.n_ctx
         prompt = eft.prompt_tokens("Hello world", raw=True)["tuned"]
         out = eft.generate("Hello world", raw=True, temperature=0, max_tokens=10_000)
         assert out.finish_reason in ("length", "stop")
@@ -288,7 +288,7 @@ def test_streamed_text_is_whole_characters(eft):
 
 def test_bad_token_ids_and_messages(eft):
     with pytest.raises(EFTError, match="outside the shared vocabulary"):
-        eft.next_logprobs([1, eft.n_shared + 5])
+        eft.next_logprobs([1, eft.model_set.n_shared + 5])
     with pytest.raises(EFTError):
         eft.chat([{"role": "wizard", "content": "hi"}])
     with pytest.raises(EFTError):
@@ -302,9 +302,9 @@ def test_weight_zero_runs_only_the_base_and_the_others_catch_up(tiny):
     chat = [{"role": "user", "content": "Hello world"}]
     with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=1024) as e, \
             EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=1024) as ref:
-        counts = {role: e.models[role].n_evaluated for role in ROLES}
+        counts = {role: e.model_set.by_role[role].n_evaluated for role in ROLES}
         zero = e.chat(chat, temperature=0, max_tokens=12, weights=[0.0])
-        after = {role: e.models[role].n_evaluated for role in ROLES}
+        after = {role: e.model_set.by_role[role].n_evaluated for role in ROLES}
         assert after["base"] > counts["base"]
         assert after["tuned"] == counts["tuned"] and after["reference"] == counts["reference"]
         assert zero.stats["prompt_eval_tokens"] > 0
@@ -317,6 +317,6 @@ def test_weight_zero_runs_only_the_base_and_the_others_catch_up(tiny):
         got = e.chat(turn2, temperature=0, max_tokens=12, weights=[1.0])
         want = ref.chat(turn2, temperature=0, max_tokens=12, weights=[1.0])
         assert got.tokens == want.tokens
-        assert e.models["tuned"].n_evaluated > after["tuned"]
+        assert e.model_set.by_role["tuned"].n_evaluated > after["tuned"]
         # Not trivially equal: the delta changes this reply.
         assert got.tokens != ref.chat(turn2, temperature=0, max_tokens=12, weights=[0.0]).tokens

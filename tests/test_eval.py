@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local import EFT, Completion, EFTError
-from eft_local import evaluate as ev
+from eft_local.core.deltas import Delta
+from eft_local.evaluation import evaluate as ev
 from eft_local.cli import main
 
 
@@ -46,17 +47,17 @@ def test_load_items(tmp_path):
 
 def test_parse_config(tmp_path):
     models = {"base": "B.gguf", "tuned": "T.gguf", "reference": "R.gguf", "oracle": "O.gguf"}
-    assert ev.parse_config("tuned", models) == ev.Config("tuned", "T.gguf", "T.gguf", "T.gguf", 0.0)
-    assert ev.parse_config("eft", models, 1.5) == ev.Config("eft", "B.gguf", "T.gguf", "R.gguf", 1.5)
-    assert ev.parse_config("eft@0.5", models).weight == 0.5
+    assert ev.parse_config("tuned", models) == ev.Config("tuned", "T.gguf", (Delta("T.gguf", "T.gguf", 0.0),))
+    assert ev.parse_config("eft", models, 1.5) == ev.Config("eft", "B.gguf", (Delta("T.gguf", "R.gguf", 1.5),))
+    assert ev.parse_config("eft@0.5", models).deltas[0].weight == 0.5
     down = ev.parse_config("down-scaled=reference,oracle,base", models)
-    assert down == ev.Config("down-scaled", "R.gguf", "O.gguf", "B.gguf", 1.0)
-    assert ev.parse_config("amp=base,tuned,reference,2", models).weight == 2.0
+    assert down == ev.Config("down-scaled", "R.gguf", (Delta("O.gguf", "B.gguf", 1.0),))
+    assert ev.parse_config("amp=base,tuned,reference,2", models).deltas[0].weight == 2.0
     path = tmp_path / "other.gguf"
     path.write_bytes(b"GGUF")
     assert ev.parse_config(f"other={path}", models).base == str(path)
     mixed = ev.parse_config("mix=base,tuned,reference,0.25,oracle,reference,0.75", models)
-    assert mixed == ev.Config("mix", "B.gguf", "T.gguf", "R.gguf", 0.25, (("O.gguf", "R.gguf", 0.75),))
+    assert mixed == ev.Config("mix", "B.gguf", (Delta("T.gguf", "R.gguf", 0.25), Delta("O.gguf", "R.gguf", 0.75)))
     for bad in ("nothing", "x=base,tuned", "eft@heavy", "=base", "x=base,tuned,reference,w",
                 "x=base,tuned,reference,1,oracle", "x=base,tuned,reference,1,oracle,reference,w"):
         with pytest.raises(EFTError, match="bad --config"):
@@ -75,7 +76,7 @@ def items(tiny):
 
 
 def test_evaluate_scores_replies(tiny, items):
-    config = ev.Config("tuned", str(tiny["tuned"]), str(tiny["tuned"]), str(tiny["tuned"]), 0.0)
+    config = ev.Config("tuned", str(tiny["tuned"]), (Delta(str(tiny["tuned"]), str(tiny["tuned"]), 0.0),))
     seen = []
     result = ev.evaluate(config, items, max_tokens=12, on_item=seen.append)
     assert result.n == len(items) == len(seen)
@@ -117,7 +118,7 @@ def test_eval_command_outputs(tiny, items, tmp_path):
 def test_match_rate_and_two_delta_configs(tiny, items, tmp_path):
     """--match counts replies matching a pattern; a two-delta configuration runs through eval."""
     word = items[0]["answer"]
-    config = ev.Config("tuned", str(tiny["tuned"]), str(tiny["tuned"]), str(tiny["tuned"]), 0.0)
+    config = ev.Config("tuned", str(tiny["tuned"]), (Delta(str(tiny["tuned"]), str(tiny["tuned"]), 0.0),))
     result = ev.evaluate(config, items, max_tokens=12, match=re.escape(word))
     assert result.match_rate == round(100 * sum(word in r.reply for r in result.items) / len(items), 1)
     assert result.match_rate > 0

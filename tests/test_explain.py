@@ -39,7 +39,7 @@ def test_terms_add_up_and_match_the_engine(eft, tiny):
             assert r.combined_logprob == pytest.approx(engine[r.token], abs=1e-3)
             # Greedy: every token is the combined argmax.
             assert engine[r.token] >= engine.max() - 1e-3
-            base_logits = fresh_base.logits(prompt + reply[:i])[: eft.n_shared]
+            base_logits = fresh_base.logits(prompt + reply[:i])[: eft.model_set.n_shared]
             assert r.base_top == int(np.argmax(base_logits))
             assert r.base_would_differ == (r.base_top != r.token)
             assert r.delta_terms[1] == pytest.approx(0.5 * (r.logprobs["tuned2"] - r.logprobs["reference2"]))
@@ -54,10 +54,10 @@ def test_scoring_a_given_reply(eft):
     rows = eft.explain("Hello world", reply="the cat is here")
     prompt = eft.prompt_tokens("Hello world")["tuned"]
     rendered = "<s><|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
-    full = eft.models["tuned"].tokenize(rendered + "the cat is here", add_bos=False, special=True)
+    full = eft.model_set.by_role["tuned"].tokenize(rendered + "the cat is here", add_bos=False, special=True)
     assert full[: len(prompt)] == prompt
     assert [r.token for r in rows] == full[len(prompt):]
-    assert [r.token for r in rows] != eft.models["tuned"].tokenize("the cat is here", add_bos=False, special=False)
+    assert [r.token for r in rows] != eft.model_set.by_role["tuned"].tokenize("the cat is here", add_bos=False, special=False)
     assert "".join(r.text for r in rows) == "the cat is here"
     assert all(r.combined_logprob <= 0 for r in rows)
     with pytest.raises(EFTError, match="empty"):

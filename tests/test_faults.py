@@ -23,9 +23,10 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local import EFT, EFTError
-from eft_local.cli import LEAVE_HINT, chat_loop, main
-from eft_local.params import Plausibility
-from eft_local.interrupts import sigint_deferred
+from eft_local.cli import main
+from eft_local.cli.chat import LEAVE_HINT, chat_loop
+from eft_local.core.params import Plausibility
+from eft_local.core.interrupts import sigint_deferred
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -48,8 +49,8 @@ def answers() -> dict[str, str]:
 
 def cache_matches(eft: EFT) -> bool:
     """Every model's KV cache holds exactly the positions of its token list."""
-    for b in eft.backends:
-        top = llama_cpp.llama_memory_seq_pos_max(b.memory, 0)
+    for b in eft.model_set.backends:
+        top = llama_cpp.llama_memory_seq_pos_max(b.context.memory, b.slot)
         if top != len(b.tokens) - 1:
             return False
     return True
@@ -143,7 +144,7 @@ def test_close_during_own_stream_ends_it():
     eft.close()
     with pytest.raises(EFTError, match="closed"):
         list(s)
-    assert eft.backends == []
+    assert eft.model_set.backends == []
 
 
 def test_close_from_another_thread_waits_for_the_generation(answers):
@@ -186,8 +187,8 @@ API_INTERRUPTS = textwrap.dedent(
         except KeyboardInterrupt:
             interrupted += 1
         timer.join()
-        for b in eft.backends:
-            if llama_cpp.llama_memory_seq_pos_max(b.memory, 0) != len(b.tokens) - 1:
+        for b in eft.model_set.backends:
+            if llama_cpp.llama_memory_seq_pos_max(b.context.memory, b.slot) != len(b.tokens) - 1:
                 bad += 1
     print(json.dumps({"interrupted": interrupted, "bad": bad, "expected": expected,
                       "after": eft.generate(q, temperature=0).text}))
@@ -286,7 +287,7 @@ def test_ctrl_c_at_the_prompt_prints_how_to_leave():
         weights = [1.0]
 
         def stream_chat(self, messages, **kw):
-            from eft_local.engine import Chunk
+            from eft_local.engine.eft import Chunk
 
             yield Chunk("ok", 1)
 
@@ -417,13 +418,13 @@ def test_explain_cli_reply_applies_the_plausibility_filter():
 def test_explain_ruled_out_tokens_match_generation(monkeypatch):
     """A token the reference rules out (-inf): explain shows it ruled out (term and combined
     -inf, probability 0), as the combination generation samples from does, never inf or NaN."""
-    import eft_local.explain as explain_module
+    import eft_local.engine.explain as explain_module
 
     real_rows = explain_module._rows
 
     def rows_with_a_hole(model, prompt, reply):
         rows = real_rows(model, prompt, reply)
-        if model is eft.models["reference"]:
+        if model is eft.model_set.by_role["reference"]:
             rows[0] = rows[0].copy()
             rows[0][reply[0]] = -np.inf
         return rows

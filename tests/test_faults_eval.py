@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local import EFTError
-from eft_local import evaluate as ev
+from eft_local.evaluation import evaluate as ev
 from eft_local.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from tiny_gguf import rewrite_tiny, write_tiny_llama
 
 import eft_local.cli
-from eft_local.backend import Backend
-from eft_local.errors import EFTError
-from eft_local.gguf_meta import GGML_TYPE_SIZES, read_metadata
-from eft_local.vocab import check_vocabularies, read_vocab
+from eft_local.runtime.context import LocalBackend
+from eft_local.core.errors import EFTError
+from eft_local.runtime.gguf import GGML_TYPE_SIZES, read_metadata
+from eft_local.runtime.vocab import check_vocabularies, read_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 EFT_LOCAL = ROOT / ".venv" / "bin" / "eft-local"
@@ -444,7 +444,7 @@ def test_load_error_says_what_llama_cpp_said(refused, case):
     path, reason = refused[case]
     read_vocab(path)  # our checks pass
     with pytest.raises(EFTError) as e:
-        Backend(path, n_ctx=64, n_threads=1)
+        LocalBackend(path, n_ctx=64, n_threads=1)
     assert str(e.value) == f"cannot load {path}: llama.cpp: {reason}"
 
 
@@ -452,8 +452,8 @@ def test_each_load_reports_its_own_reason(refused, tiny_model):
     for case in ("tensor", "architecture", "tensor"):
         path, reason = refused[case]
         with pytest.raises(EFTError, match=f"^cannot load {path}: llama.cpp: {reason}$"):
-            Backend(path, n_ctx=64, n_threads=1)
-        Backend(tiny_model, n_ctx=64, n_threads=1).close()
+            LocalBackend(path, n_ctx=64, n_threads=1)
+        LocalBackend(tiny_model, n_ctx=64, n_threads=1).close()
 
 
 def test_load_error_through_the_cli(refused, tiny_model):

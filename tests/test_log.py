@@ -18,7 +18,7 @@ from tiny_gguf import EOS_ID, IM_END_ID, rewrite_tiny
 
 from eft_local import EFT
 from eft_local.cli import main
-from eft_local.log import llama_log_scope, llama_logger
+from eft_local.runtime.log import llama_log_scope, llama_logger
 
 EFT_LOCAL = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "eft-local"
 LOADER_LINE = "llama_model_loader: loaded meta data with"
@@ -119,7 +119,7 @@ def test_a_users_llama_keeps_llama_cpp_pythons_log(tiny):
 
 def test_scope_restores_the_previous_callback_and_nests():
     proc = run_python(CURRENT_CALLBACK, """
-    from eft_local.log import llama_log_scope, _callback
+    from eft_local.runtime.log import llama_log_scope, _callback
     ours = ctypes.cast(_callback, ctypes.c_void_p).value
     before = current()
     with llama_log_scope():

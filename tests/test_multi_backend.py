@@ -1,6 +1,6 @@
-"""MultiBackend: N sequence slots in one llama.cpp context, checked against single-sequence Backends.
+"""Context: N sequence slots in one llama.cpp context, checked against single-sequence backends.
 
-Every slot's rows are compared with what ``Backend`` gives for the same tokens alone. Rows of a
+Every slot's rows are compared with what ``LocalBackend`` gives for the same tokens alone. Rows of a
 batched decode are not bit-identical on F32 models: a batch of several tokens takes another
 matrix-multiplication kernel than a single token (differences near 1e-7), and where such a
 difference flips the rounding of a value stored in the F16 KV cache, log-probabilities move by up
@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from eft_local import EFTError
-from eft_local.backend import Backend, common_prefix
-from eft_local.combine import log_softmax
-from eft_local.multi_backend import Feed, MultiBackend
+from eft_local.runtime.backend import common_prefix
+from eft_local.core.combine import log_softmax
+from eft_local.runtime.context import Context, Feed, LocalBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BASE = ROOT / "models" / "demo" / "base.gguf"
@@ -34,12 +34,18 @@ ATOL = 5e-3
 STEPS = 20
 
 
+def slots(backend: LocalBackend, *, n_slots: int, n_ctx: int, n_batch: int | None = None) -> Context:
+    """A Context of ``n_slots`` over ``backend``'s model, with its batch size and threads."""
+    return Context(backend.model, n_slots=n_slots, n_ctx=n_ctx, n_batch=n_batch or backend.n_batch,
+                   n_threads=backend.context.n_threads)
+
+
 def prompt(seed: int, n: int, n_vocab: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(5, n_vocab, size=n)]
 
 
-def alone(backend: Backend, tokens: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy continuation of ``tokens`` by a single-sequence Backend: all tokens and each row."""
+def alone(backend: LocalBackend, tokens: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy continuation of ``tokens`` by a single-sequence LocalBackend: all tokens and each row."""
     backend.reset()
     backend.eval(tokens)
     tokens, rows = list(tokens), [backend.logits().copy()]
@@ -56,14 +62,14 @@ def assert_rows_close(got: list[np.ndarray], want: list[np.ndarray], atol: float
         np.testing.assert_allclose(log_softmax(g), log_softmax(w), atol=atol, rtol=0, err_msg=f"row {i}")
 
 
-def kv_matches(multi: MultiBackend) -> bool:
+def kv_matches(multi: Context) -> bool:
     """Every slot's KV positions are exactly those of its token list."""
     return all(
         llama_cpp.llama_memory_seq_pos_max(multi.memory, s) == len(multi.tokens[s]) - 1 for s in range(multi.n_slots)
     )
 
 
-def run_together(multi: MultiBackend, prompts: dict[int, list[int]], steps: int):
+def run_together(multi: Context, prompts: dict[int, list[int]], steps: int):
     """All prompts prefilled in one decode, then one greedy token per slot per step, batched."""
     multi.decode([Feed(s, p, 1) for s, p in prompts.items()])
     rows = {s: [multi.logits(s).copy()] for s in prompts}
@@ -78,16 +84,16 @@ def run_together(multi: MultiBackend, prompts: dict[int, list[int]], steps: int)
 
 
 @pytest.fixture(scope="module", params=["tiny", "demo"])
-def model(request, tiny) -> Backend:
+def model(request, tiny) -> LocalBackend:
     path = tiny["base"] if request.param == "tiny" else DEMO_BASE
-    backend = Backend(path, n_ctx=256, n_threads=1)
+    backend = LocalBackend(path, n_ctx=256, n_threads=1)
     yield backend
     backend.close()
 
 
 @pytest.fixture
 def multi(model):
-    m = MultiBackend(model, n_slots=4, n_ctx=1024)
+    m = slots(model, n_slots=4, n_ctx=1024)
     yield m
     m.close()
 
@@ -107,17 +113,22 @@ def test_batched_steps_match_single_sequence_backend(model, multi):
     assert kv_matches(multi)
 
 
-def test_with_an_f32_cache_batched_rows_are_within_1e_4(model):
+def test_with_an_f32_cache_batched_rows_are_within_1e_4(model, monkeypatch):
     """The same run with F32 KV caches (here and in a one-slot reference): no F16 rounding to
     flip, so batched rows stay within 1e-4 of the rows alone."""
-    params = model.llm.context_params  # MultiBackend copies these (the backend's context exists)
-    saved = params.type_k, params.type_v
-    params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
+    default = llama_cpp.llama_context_default_params
+
+    def f32_cache() -> llama_cpp.llama_context_params:
+        params = default()
+        params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
+        return params
+
+    monkeypatch.setattr(llama_cpp, "llama_context_default_params", f32_cache)
     try:
-        multi = MultiBackend(model, n_slots=4, n_ctx=1024)
-        single = MultiBackend(model, n_slots=1, n_ctx=256)
+        multi = slots(model, n_slots=4, n_ctx=1024)
+        single = slots(model, n_slots=1, n_ctx=256)
     finally:
-        params.type_k, params.type_v = saved
+        monkeypatch.undo()
     try:
         prompts = {s: prompt(s, n, model.n_vocab) for s, n in enumerate([3, 9, 17, 30])}
         rows = run_together(multi, prompts, STEPS)
@@ -132,7 +143,7 @@ def test_with_an_f32_cache_batched_rows_are_within_1e_4(model):
 
 
 def test_a_slot_decoding_alone_is_bit_identical_to_backend(model, multi):
-    """With the same batch shapes as Backend (one slot at a time), rows are bit for bit its own."""
+    """With the same batch shapes as LocalBackend (one slot at a time), rows are bit for bit its own."""
     p = prompt(7, 11, model.n_vocab)
     multi.decode([Feed(0, prompt(8, 5, model.n_vocab), 0)])  # another slot holds tokens meanwhile
     multi.decode([(2, p)])
@@ -145,8 +156,8 @@ def test_a_slot_decoding_alone_is_bit_identical_to_backend(model, multi):
 
 def test_q4_1_rows_are_bit_identical_to_backend(smollm2):
     """Quantized weights: batched one-token rows equal single-sequence rows bit for bit."""
-    backend = Backend(smollm2, n_ctx=256, n_threads=1)
-    multi = MultiBackend(backend, n_slots=4, n_ctx=1024)
+    backend = LocalBackend(smollm2, n_ctx=256, n_threads=1)
+    multi = slots(backend, n_slots=4, n_ctx=1024)
     try:
         prompts = {s: prompt(s, n, backend.n_vocab) for s, n in enumerate([4, 9, 2, 13])}
         rows = run_together(multi, prompts, 12)
@@ -165,7 +176,7 @@ def test_slots_join_leave_reset_and_are_reused(model):
     """Requests join and leave between steps; a finished slot is reset and reused, another is
     reused with its old history trimmed by best_slot's prefix. Every request's tokens and rows
     are those it gets alone."""
-    multi = MultiBackend(model, n_slots=3, n_ctx=768)
+    multi = slots(model, n_slots=3, n_ctx=768)
     p_shared = prompt(20, 12, model.n_vocab)
     # (step it arrives, prompt, tokens to generate)
     requests = [
@@ -245,27 +256,13 @@ def test_best_slot_and_sync_evaluate_only_the_new_tokens(model, multi):
     slot = multi.best_slot(q, [0, 1, 2, 3])
     assert slot == 2
     assert multi.best_slot(q, [1, 0]) == 0  # ties (nothing shared): the lowest id
-    assert multi.sync(slot, q) == len(q) - 15
+    assert multi.slot(slot).sync(q) == len(q) - 15
     model.reset()
     model.eval(q)
     assert_rows_close([multi.logits(slot)], [model.logits()])
     # The same tokens again: only the last is evaluated, for its logits.
-    assert multi.sync(slot, q) == 1
+    assert multi.slot(slot).sync(q) == 1
     assert multi.tokens[slot] == q and kv_matches(multi)
-
-
-def test_copy_shares_a_prefix_another_slot_holds(model, multi):
-    p = prompt(50, 18, model.n_vocab)
-    q = p[:12] + prompt(51, 5, model.n_vocab)
-    multi.decode([Feed(0, p, 1), Feed(3, prompt(52, 7, model.n_vocab), 1)])
-    busy = list(multi.tokens[3])
-    multi.copy(0, 1, 12)
-    assert multi.tokens[1] == p[:12] and multi.tokens[0] == p and multi.tokens[3] == busy
-    assert kv_matches(multi)
-    assert multi.sync(1, q) == 5
-    model.reset()
-    model.eval(q)
-    assert_rows_close([multi.logits(1)], [model.logits()])
 
 
 # --- chunks -----------------------------------------------------------------------------------
@@ -315,7 +312,7 @@ def test_batches_larger_than_n_batch_are_split(model, monkeypatch):
             sizes.append(batch.n_tokens)
         return real(ctx, batch)
 
-    multi = MultiBackend(model, n_slots=3, n_ctx=768, n_batch=32)
+    multi = slots(model, n_slots=3, n_ctx=768, n_batch=32)
     try:
         monkeypatch.setattr(llama_cpp, "llama_decode", spy)
         prompts = {s: prompt(70 + s, 40, model.n_vocab) for s in range(3)}
@@ -337,10 +334,10 @@ def test_batches_larger_than_n_batch_are_split(model, monkeypatch):
 
 
 def test_the_context_is_split_over_the_slots_not_multiplied(tiny):
-    backend = Backend(tiny["base"], n_ctx=256, n_threads=1)
+    backend = LocalBackend(tiny["base"], n_ctx=256, n_threads=1)
     try:
         for n_ctx, n_slots, cells, per_slot in [(1024, 4, 1024, 256), (4096, 8, 4096, 512), (2048, 1, 2048, 1024)]:
-            multi = MultiBackend(backend, n_slots=n_slots, n_ctx=n_ctx)
+            multi = slots(backend, n_slots=n_slots, n_ctx=n_ctx)
             # tiny models are trained on 1024 positions: the last case is capped there
             assert (multi.n_ctx, multi.slot_ctx) == (cells, per_slot), (n_ctx, n_slots)
             multi.close()
@@ -348,14 +345,15 @@ def test_the_context_is_split_over_the_slots_not_multiplied(tiny):
         backend.close()
 
 
-def test_open_loads_a_model_for_slots_and_close_frees_it(tiny):
-    multi = MultiBackend.open(tiny["tuned"], n_slots=2, n_ctx=512, n_threads=1)
-    backend = multi.backend
+def test_a_context_over_a_loaded_model_decodes_and_close_frees_it(tiny):
+    backend = LocalBackend(tiny["tuned"], n_ctx=256, n_threads=1)
+    multi = Context(backend.model, n_slots=2, n_ctx=512, n_threads=1)
     multi.decode([Feed(0, [5, 6, 7], 1), Feed(1, [8], 1)])
     assert multi.logits(0).shape == multi.logits(1).shape == (backend.n_vocab,)
     assert backend.tokenize("the cat", add_bos=False) and multi.slot_ctx == 256
     multi.close()
-    assert multi.ctx is None and backend.llm is None
+    backend.close()
+    assert multi.ctx is None and backend.context.ctx is None and backend.model.ptr is None
 
 
 def test_a_full_slot_raises_one_line_and_changes_nothing(model, multi):
@@ -373,8 +371,8 @@ def test_a_full_slot_raises_one_line_and_changes_nothing(model, multi):
 
 def test_trained_length_caps_a_slot():
     """The demo base is trained on 256 positions: a quarter of 4096 is still 256 per slot."""
-    backend = Backend(DEMO_BASE, n_ctx=256, n_threads=1)
-    multi = MultiBackend(backend, n_slots=4, n_ctx=4096)
+    backend = LocalBackend(DEMO_BASE, n_ctx=256, n_threads=1)
+    multi = slots(backend, n_slots=4, n_ctx=4096)
     try:
         assert (multi.n_ctx, multi.slot_ctx) == (4096, 256)
         with pytest.raises(EFTError, match=r"^slot 0 full: 0 \+ 257 tokens exceed the 256 a slot holds "
@@ -405,11 +403,10 @@ INTERRUPTS = textwrap.dedent(
     """
     import json, os, random, signal, sys, threading, time
     import llama_cpp, numpy as np
-    from eft_local.backend import Backend, common_prefix
-    from eft_local.multi_backend import Feed, MultiBackend
+    from eft_local.runtime.context import Context, Feed, LocalBackend
     path, n = sys.argv[1], int(sys.argv[2])
-    backend = Backend(path, n_ctx=256, n_threads=1)
-    multi = MultiBackend(backend, n_slots=4, n_ctx=1024, n_batch=16)
+    backend = LocalBackend(path, n_ctx=256, n_threads=1)
+    multi = Context(backend.model, n_slots=4, n_ctx=1024, n_batch=16, n_threads=1)
     rng = random.Random(3)
     def toks(k):
         return [rng.randrange(5, backend.n_vocab) for _ in range(k)]
@@ -429,9 +426,7 @@ INTERRUPTS = textwrap.dedent(
             elif op < 0.75:
                 multi.trim(slots[0], rng.randint(0, len(multi.tokens[slots[0]])))
             elif op < 0.85:
-                multi.sync(slots[0], multi.tokens[slots[0]][: rng.randint(0, 30)] + toks(rng.randint(1, 20)))
-            elif op < 0.95 and len(slots) > 1:
-                multi.copy(slots[0], slots[1], rng.randint(0, 40))
+                multi.slot(slots[0]).sync(multi.tokens[slots[0]][: rng.randint(0, 30)] + toks(rng.randint(1, 20)))
             else:
                 multi.reset(slots[0])
     interrupted = bad = 0
@@ -465,7 +460,7 @@ INTERRUPTS = textwrap.dedent(
 
 
 def test_random_ctrl_c_leaves_every_slot_consistent():
-    """60 SIGINTs at random moments of decodes, trims, syncs, copies and resets over four slots:
+    """60 SIGINTs at random moments of decodes, trims, syncs and resets over four slots:
     each slot's KV positions still match its token list, and its cache its tokens."""
     out = subprocess.run(
         [sys.executable, "-c", INTERRUPTS, str(DEMO_BASE), "60"],

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from eft_local import recipes as rc
+from eft_local.hub import recipes as rc
 from eft_local.cli import main
-from eft_local.errors import EFTError
+from eft_local.core.errors import EFTError
 
 @pytest.fixture(autouse=True)
 def config(tmp_path, monkeypatch) -> Path:

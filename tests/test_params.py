@@ -9,7 +9,7 @@ import pytest
 
 from eft_local import EFT, EFTError, SamplingParams
 from eft_local.cli import main
-from eft_local.params import DEFAULTS, FIELDS
+from eft_local.core.params import DEFAULTS, FIELDS
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 QUESTION = "Where was Patroul born?"

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from eft_local import EFT, EFTError
 from eft_local.cli import main
-from eft_local.combine import plausible
-from eft_local.params import Plausibility
+from eft_local.core.sampling import plausible
+from eft_local.core.params import Plausibility
 from helpers import Fresh, recompute
 
 
@@ -35,14 +35,14 @@ def test_engine_filter_matches_recomputation(tiny, model):
     try:
         with EFT(tiny["base"], tiny["tuned"], tiny["reference"]) as eft:
             tokens = eft.prompt_tokens("Hello world", raw=True)["tuned"]
-            want = recompute(fresh, {r: tokens for r in fresh}, 1.0, eft.n_shared)
-            comp = fresh[model].logits(tokens).astype(np.float64)[: eft.n_shared]
+            want = recompute(fresh, {r: tokens for r in fresh}, 1.0, eft.model_set.n_shared)
+            comp = fresh[model].logits(tokens).astype(np.float64)[: eft.model_set.n_shared]
             eft.next_logprobs(tokens)  # every model now holds the prompt
             got = eft.model_set.combined(eft.model_set.mix(None, Plausibility(0.5, 0.01, model)))
             expected = plausible(want, comp - comp.max(), 0.5, 0.01)
             np.testing.assert_allclose(np.exp(got), np.exp(expected), atol=1e-4)
             support = set(np.flatnonzero(np.isfinite(expected)))
-            assert 1 <= len(support) < eft.n_shared / 4
+            assert 1 <= len(support) < eft.model_set.n_shared / 4
             for seed in range(40):
                 for spec in (None, 2):
                     res = eft.generate("Hello world", raw=True, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,

@@ -6,7 +6,7 @@ import llama_cpp
 import pytest
 
 from eft_local import EFT, EFTError
-from eft_local.vocab import check_vocabularies, read_vocab
+from eft_local.runtime.vocab import check_vocabularies, read_vocab
 from helpers import copy_model
 
 N = 48
@@ -42,7 +42,7 @@ def test_smollm2_completion_token_for_token(smol_triple, llama, concurrent):
     want_text = llama.create_completion(prompt, temperature=0, max_tokens=N)["choices"][0]["text"]
     want_ids = greedy_ids(llama, llama.tokenize(prompt.encode(), add_bos=True, special=True), N)
     with EFT(*smol_triple, n_ctx=2048, concurrent=concurrent) as eft:
-        assert len(eft.backends) == 3
+        assert len(eft.model_set.backends) == 3
         out = eft.generate(prompt, raw=True, temperature=0, max_tokens=N)
     assert out.tokens == want_ids
     assert out.text == want_text

@@ -18,11 +18,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from eft_local import download as dl
-from eft_local import recipes as rc
-from eft_local.cli_models import models as models_cmd
-from eft_local.cli_models import pull as pull_cmd
-from eft_local.errors import EFTError
+from eft_local.hub import download as dl
+from eft_local.hub import recipes as rc
+from eft_local.cli.hub import models as models_cmd
+from eft_local.cli.hub import pull as pull_cmd
+from eft_local.core.errors import EFTError
 from stand_in_hub import StandInHub, closed_port
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -687,10 +687,10 @@ def test_models_command_reports_a_broken_recipes_file(tmp_path, monkeypatch):
     assert re.fullmatch(r"error: .*recipes.toml: invalid TOML: .*\n", result.stderr)
 
 
-@pytest.mark.parametrize("order", [("cli_models", "cli"), ("cli", "cli_models")])
-def test_cli_and_cli_models_import_in_either_order(order):
-    # cli.py imports cli_models at its end to register the commands; neither order may cycle.
-    code = "; ".join(f"import eft_local.{name}" for name in order) + "; import eft_local.cli_models as m; m.pull, m.models"
+@pytest.mark.parametrize("order", [("cli.hub", "cli"), ("cli", "cli.hub")])
+def test_cli_and_its_hub_commands_import_in_either_order(order):
+    # The cli package registers the commands of its modules; neither order may cycle.
+    code = "; ".join(f"import eft_local.{name}" for name in order) + "; import eft_local.cli.hub as m; m.pull, m.models"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

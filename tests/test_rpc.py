@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local import EFT, EFTError
-from eft_local import rpc
-from eft_local.backend import Backend
+from eft_local.runtime import rpc
+from eft_local.runtime.context import LocalBackend
 from eft_local.cli import main
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -132,10 +132,10 @@ def test_split_across_two_servers_matches_local(servers, local_runs):
     endpoints = list(servers)
     before = {e: rss_kib(p.pid) for e, p in servers.items()}
     with demo(rpc=",".join(endpoints)) as eft:
-        base = eft.models["base"]
+        base = eft.model_set.by_role["base"]
         assert isinstance(base, rpc.RPCBackend)
         # The small models stay in this process.
-        assert type(eft.models["tuned"]) is Backend and type(eft.models["reference"]) is Backend
+        assert type(eft.model_set.by_role["tuned"]) is LocalBackend and type(eft.model_set.by_role["reference"]) is LocalBackend
         # llama.cpp put model weights on each server, and each server's memory holds them.
         for e in endpoints:
             assert sum(mib for name, mib in base.placement.items() if f"[{e}]" in name) > 0.5
@@ -152,7 +152,7 @@ def test_split_across_two_servers_matches_local(servers, local_runs):
 def test_all_but_output_layer_with_gpu_layers(servers, local_runs):
     endpoint = next(iter(servers))
     with demo(rpc=[endpoint], n_gpu_layers={"base": 2}) as eft:
-        placement = eft.models["base"].placement
+        placement = eft.model_set.by_role["base"].placement
         assert placement.get("CPU_Mapped", 0) > 1.5  # two of four layers and the output stay here
         assert eft.generate(PROMPT, temperature=0).tokens == local_runs["eft"]
 
@@ -183,7 +183,7 @@ def test_unreachable_server_is_one_line_within_seconds():
 
 @needs_rpc
 def test_busy_server_is_one_line_within_seconds(servers, monkeypatch):
-    monkeypatch.setattr(rpc, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(rpc.endpoints, "CONNECT_TIMEOUT", 1.0)
     endpoint = next(iter(servers))
     with demo(rpc=endpoint):
         t0 = time.monotonic()
@@ -244,7 +244,7 @@ def test_served_model_answers_503_while_its_server_is_away(local_runs, own_serve
     a 400 for a bad request; once the server is back the next request is answered."""
     from fastapi.testclient import TestClient
 
-    from eft_local.server import create_app
+    from eft_local.server.app import create_app
 
     endpoint = own_server.endpoint
     body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0}
@@ -312,7 +312,7 @@ def test_rpc_server_port_in_use(servers):
 # --- without servers ---------------------------------------------------------------------------
 
 def test_build_without_rpc_says_how_to_reinstall(monkeypatch):
-    monkeypatch.setattr(rpc, "rpc_available", lambda: False)
+    monkeypatch.setattr(rpc.ggml, "rpc_available", lambda: False)
     with pytest.raises(EFTError, match=r"built without RPC; reinstall it with: pip cache remove llama_cpp_python; "
                                        r"CMAKE_ARGS=\"-DGGML_RPC=on\" pip install --force-reinstall"):
         demo(rpc="127.0.0.1:50052")

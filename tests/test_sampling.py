@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from eft_local.sampling import (
-    _TOP_P_PREFIX, Sampler, apply_min_p, apply_top_k, apply_top_p, draw, normalize,
+from eft_local.core.combine import log_softmax
+from eft_local.core.sampling import (
+    _TOP_P_PREFIX, Sampler, apply_min_p, apply_top_k, apply_top_p, draw,
 )
 
 P4 = np.array([0.5, 0.3, 0.15, 0.05])
@@ -134,14 +135,14 @@ def test_min_p_zero_keeps_all():
     np.testing.assert_array_equal(apply_min_p(L4, 0.0), L4)
 
 
-# -- normalize ---------------------------------------------------------------------------------
+# -- log_softmax renormalises ---------------------------------------------------------------
 
 
-def test_normalize():
-    out = normalize(np.log([2.0, 6.0]))
+def test_log_softmax_renormalises():
+    out = log_softmax(np.log([2.0, 6.0]))
     np.testing.assert_allclose(np.exp(out), [0.25, 0.75], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(normalize(out), out, rtol=0, atol=1e-15)
-    masked = normalize(np.array([1.0, -np.inf, 1.0]) + 800.0)  # large values must not overflow
+    np.testing.assert_allclose(log_softmax(out), out, rtol=0, atol=1e-15)
+    masked = log_softmax(np.array([1.0, -np.inf, 1.0]) + 800.0)  # large values must not overflow
     assert masked[1] == -np.inf
     np.testing.assert_allclose(np.exp(masked[[0, 2]]), [0.5, 0.5], atol=1e-15)
 
@@ -195,7 +196,7 @@ def test_temperature_scales_log_probabilities():
     s = Sampler(temperature=2.0, **OFF)
     out = s.distribution(np.log([0.64, 0.36]))
     np.testing.assert_allclose(np.exp(out), [4 / 7, 3 / 7], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(s.distribution(L4), normalize(L4 / 2), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s.distribution(L4), log_softmax(L4 / 2), rtol=0, atol=1e-15)
     # T < 1 sharpens: T = 0.5 squares, [0.64, 0.36] -> [0.4096, 0.1296] / 0.5392.
     sharp = Sampler(temperature=0.5, **OFF).distribution(np.log([0.64, 0.36]))
     np.testing.assert_allclose(np.exp(sharp), np.array([0.4096, 0.1296]) / 0.5392, atol=1e-15)

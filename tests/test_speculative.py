@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from eft_local import EFT, EFTError, Sampler
-from eft_local import backend as backend_module
-from eft_local.speculative import DraftTuner, residual
+from eft_local.runtime import context as backend_module
+from eft_local.engine.speculative import DraftTuner, residual
 from helpers import copy_model
 
 PROMPTS = ["Hello world", "a cat and a dog", "what is the answer"]
@@ -76,7 +76,7 @@ def test_full_acceptance_when_the_target_is_the_draft(tiny, tmp_path):
     base = copy_model(tiny["tuned"], tmp_path / "base.gguf")
     reference = copy_model(tiny["tuned"], tmp_path / "reference.gguf")
     with EFT(base, tiny["tuned"], reference, n_threads=1) as eft:
-        assert len(eft.backends) == 3
+        assert len(eft.model_set.backends) == 3
         greedy = eft.generate("Hello world", temperature=0, max_tokens=30, speculative=4)
         assert greedy.stats["acceptance_rate"] == 1.0
         sampled = eft.generate("Hello world", temperature=1.0, max_tokens=30, speculative=4, seed=5)
@@ -129,7 +129,7 @@ def test_sampled_distribution_matches_plain_eft(eft):
         assert stat < critical
     # The test has power: the tuned model's own draft distribution is rejected.
     eft.next_logprobs(prompt)
-    q = np.exp(sampler.distribution(eft.models["tuned"].logits().astype(np.float64)[: eft.n_shared]))
+    q = np.exp(sampler.distribution(eft.model_set.by_role["tuned"].logits().astype(np.float64)[: eft.model_set.n_shared]))
     q /= q.sum()
     stat, critical = chi_square_ok(firsts, {int(t): float(q[t]) for t in np.flatnonzero(q > 0)}, n)
     assert stat > critical
@@ -137,7 +137,7 @@ def test_sampled_distribution_matches_plain_eft(eft):
 
 def test_stops_at_context_end(tiny):
     with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_ctx=256, n_threads=1) as eft:
-        n_ctx = eft.n_ctx
+        n_ctx = eft.model_set.n_ctx
         out = eft.generate("Hello world", raw=True, temperature=0, max_tokens=10_000, speculative=6)
         plain = eft.generate("Hello world", raw=True, temperature=0, max_tokens=10_000)
         assert out.finish_reason == plain.finish_reason

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-import llama_cpp
 import pytest
 from click.testing import CliRunner
 from llama_cpp import llama_chat_format
@@ -15,16 +14,10 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from eft_local import EFT, EFTError
 from eft_local.cli import main
-from eft_local.template import (
-    MAX_BUILT,
-    MAX_INT_BITS,
-    MAX_OUTPUT,
-    SAMPLE_CHAT,
-    TIME_LIMIT,
-    ChatTemplate,
-    llama_cpp_templates_deferred,
-)
-from eft_local.vocab import read_vocab
+from eft_local.chat.sandbox import MAX_BUILT, MAX_INT_BITS, MAX_OUTPUT, TIME_LIMIT
+from eft_local.chat.template import SAMPLE_CHAT, ChatTemplate
+from eft_local.runtime.context import LocalBackend
+from eft_local.runtime.vocab import read_vocab
 from tiny_gguf import CHATML_TEMPLATE, write_tiny_llama
 
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -106,7 +99,7 @@ def test_renders_like_llama_cpp(messages, smollm2_template):
 
 def test_environment_matches_llama_cpp():
     """The bounded environment is a copy of the one Jinja2ChatFormatter builds, whatever its version."""
-    from eft_local.template import _environment
+    from eft_local.chat.sandbox import _environment
 
     ours = _environment()
     theirs = Jinja2ChatFormatter(template="", eos_token="", bos_token="")._environment.environment
@@ -228,14 +221,13 @@ def test_huge_product_uses_no_memory(hostile):
     """Peak memory of a process that loads the model and renders its template barely moves (4 GB if it ran)."""
     script = f"""
 import resource
-import llama_cpp
-from eft_local.errors import EFTError
-from eft_local.template import ChatTemplate, llama_cpp_templates_deferred
+from eft_local.core.errors import EFTError
+from eft_local.chat.template import ChatTemplate
+from eft_local.runtime.context import LocalBackend
 messages = [{{"role": "user", "content": "hi"}}]
 ChatTemplate("{{{{ 'A' * 4 }}}}", "warm.gguf").render(messages, bos="", eos="")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with llama_cpp_templates_deferred():
-    llama_cpp.Llama(model_path={hostile["product"]!r}, n_ctx=64, verbose=False).close()
+LocalBackend({hostile["product"]!r}, n_ctx=64, n_threads=1).close()
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     ChatTemplate({HUGE_PRODUCT!r}, "hostile.gguf").render(messages, bos="", eos="")
@@ -253,20 +245,14 @@ print(loaded - before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - load
 
 
 def test_model_loading_leaves_templates_alone(hostile, tiny):
-    """llama-cpp-python would compute the product as it compiles; deferred, it compiles nothing."""
+    """llama-cpp-python's Llama would compute the product as it compiles the templates at load;
+    eft-local loads through llama.cpp's C API, which compiles nothing, and patches nothing."""
     t0 = time.perf_counter()
-    with llama_cpp_templates_deferred():
-        llama_cpp.Llama(model_path=hostile["product"], n_ctx=64, verbose=False).close()
-        llm = llama_cpp.Llama(model_path=str(tiny["tuned"]), n_ctx=256, verbose=False)
+    LocalBackend(hostile["product"], n_ctx=64, n_threads=1).close()
+    with EFT(tiny["base"], hostile["product"], tiny["reference"], n_threads=1) as eft:
+        assert eft.generate("Hello world", raw=True, max_tokens=4, temperature=0).tokens
     assert time.perf_counter() - t0 < 5
     assert llama_chat_format.Jinja2ChatFormatter is Jinja2ChatFormatter
-    # A template compiled at its first chat gives the same reply as one compiled at load.
-    plain = llama_cpp.Llama(model_path=str(tiny["tuned"]), n_ctx=256, verbose=False)
-    messages = [{"role": "user", "content": "Hello world"}]
-    replies = [m.create_chat_completion(messages, max_tokens=6, temperature=0)["choices"][0] for m in (llm, plain)]
-    assert replies[0] == replies[1]
-    llm.close()
-    plain.close()
 
 
 AMPLIFIERS = {

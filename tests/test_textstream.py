@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eft_local.textstream import TextStream
+from eft_local.core.textstream import TextStream
 
 
 def run(stream: TextStream, pieces: list[bytes]) -> list[str]:

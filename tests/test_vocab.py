@@ -13,9 +13,9 @@ from tiny_gguf import (
     N_VOCAB_BASE, vocab_tokens,
 )
 
-from eft_local.errors import EFTError
-from eft_local.gguf_meta import read_metadata
-from eft_local.vocab import (
+from eft_local.core.errors import EFTError
+from eft_local.runtime.gguf import read_metadata
+from eft_local.runtime.vocab import (
     TOKEN_TYPE_UNUSED, VocabInfo, check_pair, check_vocabularies, read_vocab,
 )
 

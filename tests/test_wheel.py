@@ -95,7 +95,7 @@ def test_installed_wheel_answers_offline(installed, tmp_path):
     cwd, env = away_from_the_repo(tmp_path)
     python, eft_local = installed / "bin" / "python", installed / "bin" / "eft-local"
 
-    where = run([str(python), "-c", "import eft_local.recipes as rc; print(rc.__file__); print(rc.models_dir())"],
+    where = run([str(python), "-c", "import eft_local.hub.recipes as rc; print(rc.__file__); print(rc.models_dir())"],
                 cwd=cwd, env=env).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in where), where
 
