@@ -165,7 +165,7 @@ def test_stats_and_validation(eft):
 
 @pytest.mark.parametrize("speculative", [None, 3])
 def test_ignore_eos_always_reaches_max_tokens(eft, speculative):
-    ends = set(eft.end_tokens())
+    ends = set(eft.model_set.end_tokens())
     assert ends == {2, 4}  # </s> and <|im_end|> in the tiny vocabulary
     for seed in range(3):
         out = eft.generate("Hello world", temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=120,

@@ -1,0 +1,1 @@
+"""What each model sees: chat templates rendered within limits, raw text, plain transcripts."""

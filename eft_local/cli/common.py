@@ -43,10 +43,8 @@ def _remember_verbose(ctx: click.Context, param: click.Parameter, value: bool) -
         ctx.meta[VERBOSE] = True
 
 
-VERBOSE_DECLS = ("--verbose", "-v")
-VERBOSE_ATTRS: dict[str, Any] = dict(is_flag=True, expose_value=False, callback=_remember_verbose,
-                                     help="Show llama.cpp's log and eft-local's debug messages on stderr.")
-verbose_option = click.option(*VERBOSE_DECLS, **VERBOSE_ATTRS)
+verbose_option = click.option("--verbose", "-v", is_flag=True, expose_value=False, callback=_remember_verbose,
+                              help="Show llama.cpp's log and eft-local's debug messages on stderr.")
 
 
 class StderrLog(logging.Handler):

@@ -41,12 +41,13 @@ class EFT:
     ``EFTError``. With ``parallel`` N > 1 up to N generations (from any threads) are decoded
     together in batches, each with its own options; speculative ones still run one at a time.
     Each model keeps its KV cache between calls, so a new request only evaluates the tokens
-    after the longest common prefix. A file given in
-    several roles that sees the same prompt is loaded and evaluated once. ``n_threads`` and
+    after the longest common prefix. A file given in several roles that sees the same prompt is
+    loaded and evaluated once. ``n_threads`` and
     ``n_gpu_layers`` take one value for all models or a mapping by role (``{"base": -1}``
     offloads only the large model). ``rpc`` (``"host:port,host:port"`` or a list) puts the base
     model's layers on llama.cpp RPC servers (all of them unless ``n_gpu_layers`` gives the base a
-    number); the other models stay in this process.
+    number); the other models stay in this process. ``model_set`` holds the loaded models
+    (``by_role``, the distinct ``backends``, ``n_shared``, ``n_ctx``, the vocabularies).
     """
 
     def __init__(
@@ -75,8 +76,9 @@ class EFT:
         pairs = ([(tuned, reference, weight)] if tuned is not None or reference is not None else []) + list(deltas)
         self._guard = Guard(self._free)
         self._batcher: Batcher | None = None
-        self.model_set = ModelSet(base, [as_delta(p, f"delta {i}") for i, p in enumerate(pairs, 1)], n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                                  concurrent=concurrent, base_prompt=base_prompt, rpc=rpc)
+        self.model_set = ModelSet(base, [as_delta(p, f"delta {i}") for i, p in enumerate(pairs, 1)], n_ctx=n_ctx,
+                                  n_threads=n_threads, n_gpu_layers=n_gpu_layers, concurrent=concurrent,
+                                  base_prompt=base_prompt, rpc=rpc)
         if parallel > 1:
             try:
                 # The slots share one more context per model, of n_ctx split over them.
@@ -106,10 +108,6 @@ class EFT:
     def set_weights(self, weights: Sequence[float]) -> None:
         """Change every delta's weight; no model is reloaded and no cache is lost."""
         self.model_set.weights = self.model_set.checked_weights(weights)
-
-    def end_tokens(self) -> tuple[int, ...]:
-        """The tuned model's end-of-generation ids within the shared vocabulary."""
-        return self.model_set.end_tokens()
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Callable, Generator, Iterator
 
-from .results import Chunk
+from .results import Chunk, usage
 
 # A token's bytes: the tuned model's piece.
 Piece = Callable[[int], bytes]
@@ -34,11 +34,6 @@ def chat_completion(chunks: Iterator[Chunk], piece: Piece, *, model: str, stream
 
 def _head(prefix: str, kind: str, model: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
-
-
-def _usage(stats: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = stats.get("prompt_tokens", 0), stats.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _token_text(piece: Piece, token: int) -> tuple[str, list[int]]:
@@ -92,9 +87,9 @@ def _completion_events(piece: Piece, chunks: Iterator[Chunk], head: dict[str, An
         if chunk.text or piece_lp or finish:
             yield {**head, "choices": [{"text": chunk.text, "index": 0, "logprobs": piece_lp, "finish_reason": finish}]}
     if include_usage:
-        yield {**head, "choices": [], "usage": _usage(stats)}
+        yield {**head, "choices": [], "usage": usage(stats)}
     return {**head, "choices": [{"text": "".join(text), "index": 0, "logprobs": lp if with_logprobs else None,
-                                "finish_reason": finish}], "usage": _usage(stats)}
+                                "finish_reason": finish}], "usage": usage(stats)}
 
 
 def _chat_events(piece: Piece, chunks: Iterator[Chunk], head: dict[str, Any], with_logprobs: bool,
@@ -125,8 +120,8 @@ def _chat_events(piece: Piece, chunks: Iterator[Chunk], head: dict[str, Any], wi
                                               "finish_reason": None}]}
     yield {**chunk_head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]}
     if include_usage:
-        yield {**chunk_head, "choices": [], "usage": _usage(stats)}
+        yield {**chunk_head, "choices": [], "usage": usage(stats)}
     message = {"role": "assistant", "content": "".join(text)}
     return {**head, "choices": [{"index": 0, "message": message,
                                 "logprobs": {"content": content_lp} if with_logprobs else None,
-                                "finish_reason": finish}], "usage": _usage(stats)}
+                                "finish_reason": finish}], "usage": usage(stats)}

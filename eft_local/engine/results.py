@@ -44,8 +44,7 @@ class Completion:
     @property
     def usage(self) -> dict[str, int]:
         """Token counts under the OpenAI API's names."""
-        prompt, completion = self.stats.get("prompt_tokens", 0), self.stats.get("completion_tokens", len(self.tokens))
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return usage(self.stats, len(self.tokens))
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[Chunk]) -> "Completion":
@@ -67,6 +66,12 @@ class Completion:
             if close is not None:
                 close()
         raise EFTError("generation ended without a result")
+
+
+def usage(stats: dict[str, Any], n_tokens: int = 0) -> dict[str, int]:
+    """A reply's stats as OpenAI's usage (``n_tokens`` where the stats lack the completion's)."""
+    prompt, completion = stats.get("prompt_tokens", 0), stats.get("completion_tokens", n_tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def token_logprobs(logp: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

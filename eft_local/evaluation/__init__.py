@@ -1,0 +1,1 @@
+"""``eft-local eval``'s library: configurations, scoring, results files and plots."""

@@ -1,0 +1,1 @@
+"""Recipes of models and their downloads from a Hugging Face hub."""

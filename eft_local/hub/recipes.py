@@ -375,9 +375,3 @@ def describe(ref: ModelRef, root: Path | None = None) -> str:
     except ValueError:
         return str(ref.path)
 
-
-__all__ = [
-    "MODELS_DIR", "ROLES", "ModelRef", "Recipe", "default_recipe", "describe", "get_recipe",
-    "hub_cache_dir", "hub_endpoint", "hub_offline", "load_recipes", "models_dir", "overlay_file", "pull",
-    "resolve", "status",
-]

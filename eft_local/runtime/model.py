@@ -40,14 +40,16 @@ def backend_init() -> None:
 class Model:
     """A GGUF file's weights (``ptr``) and vocabulary, without a context."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, devices: Sequence[int] | None = None):
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, devices: Sequence[int] | None = None,
+                 vocab_only: bool = False):
         """Load ``path``, offloading ``n_gpu_layers`` layers (-1: all) to ``devices`` (ggml device
-        handles; default: every device registered in this process)."""
+        handles; default: every device registered in this process); ``vocab_only``: no weights."""
         self.path = os.fspath(path)
         backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = _ALL_LAYERS if n_gpu_layers == -1 else n_gpu_layers
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        params.vocab_only = vocab_only
         if devices is not None:
             # NULL-terminated; llama.cpp reads it during the load only.
             array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
@@ -63,6 +65,7 @@ class Model:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self.bos_id = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))  # the model's own BOS rule
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:

@@ -18,7 +18,6 @@ from .gguf import read_metadata
 
 _log = logging.getLogger("eft_local.vocab")  # the name the README documents
 
-TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_UNUSED = 5
 
 # llama.cpp's add-BOS default per tokenizer model where a file has no add_bos_token key and
@@ -101,22 +100,16 @@ def default_add_bos(path: str, tokenizer_model: str) -> bool:
     asked with a vocabulary-only load (no weights). Where it refuses the file, its
     per-tokenizer default stands in.
     """
-    import llama_cpp
+    from .model import Model  # llama.cpp itself, only for these older files
 
-    from .log import llama_log_scope
-
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    with llama_log_scope():  # llama.cpp's messages about the file go to eft-local's log
-        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
-    if not model:
+    try:
+        model = Model(path, vocab_only=True)
+    except EFTError:
         return _DEFAULT_ADD_BOS.get(tokenizer_model, False)
     try:
-        return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(model)))
+        return model.add_bos
     finally:
-        with llama_log_scope():
-            llama_cpp.llama_model_free(model)
+        model.close()
 
 
 @dataclass(frozen=True)
