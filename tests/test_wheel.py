@@ -89,6 +89,9 @@ def test_wheel_carries_the_recipes_and_the_demo_but_not_its_scripts(wheel):
     assert {f"demo/{p.name}" for p in (ROOT / "models" / "demo").glob("*.jsonl")} <= bundled
     assert not [n for n in bundled if n.endswith((".py", ".png")) and n != "__init__.py"], sorted(bundled)
     assert not [n for n in names if n.startswith(("models/", "tests/", "bench/"))]
+    # pyproject.toml lists the packages by name: every module of every layer is in the wheel.
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "eft_local").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
 
 
 def test_installed_wheel_answers_offline(installed, tmp_path):

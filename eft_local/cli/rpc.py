@@ -1,5 +1,4 @@
-"""``eft-local rpc-server``: lend this machine to another's ``--rpc`` (``python -m eft_local.cli.rpc``
-runs the server alone)."""
+"""``eft-local rpc-server``: lend this machine to another's ``--rpc``."""
 
 from __future__ import annotations
 
@@ -82,6 +81,3 @@ def _exit(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
 
-
-if __name__ == "__main__":
-    rpc_server(prog_name="eft-local rpc-server")
