@@ -6,7 +6,8 @@ Runs ``python SCRIPT ARGS`` from each tree in turn, each with its own ``eft_loca
 PYTHONPATH (NEW_TREE defaults to this checkout; ``git worktree add /tmp/old HEAD~3`` makes an old
 one). Rounds alternate the order (old, new; then new, old) so that a machine growing busier
 favours neither. Every markdown table row whose second cell is a number (tokens/s) is collected;
-per row it prints each tree's median and the median of the new/old ratios within a round.
+per row it prints each tree's median, the median of the new/old ratios within a round, and
+each round's ratio.
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def main(old: Path, new: Path, rounds: int, script: str, args: tuple[str, ...]) 
             results[name].append(run(tree.resolve(), script, args))
     labels = [label for label in results["old"][0] if all(label in r for r in results["old"] + results["new"])]
     click.echo(f"{script} {' '.join(args)}: old {old}, new {new}, {rounds} alternated rounds\n")
-    click.echo("| row | old tokens/s | new tokens/s | new / old |\n|---|---|---|---|")
+    click.echo("| row | old tokens/s | new tokens/s | new / old | each round |\n|---|---|---|---|---|")
     for label in labels:
         a = [r[label] for r in results["old"]]
         b = [r[label] for r in results["new"]]
-        ratio = statistics.median(y / x for x, y in zip(a, b) if x)
-        click.echo(f"| {label} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | {ratio:.3f} |")
+        ratios = [y / x for x, y in zip(a, b) if x]
+        click.echo(f"| {label} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | "
+                   f"{statistics.median(ratios):.3f} | {' '.join(f'{r:.2f}' for r in ratios)} |")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ class Feed(NamedTuple):
 
 def _feed(f: Feed | tuple) -> Feed:
     """A Feed from a (slot, tokens[, n_logits]) tuple, with plain int token ids."""
-    f = Feed(*f)
-    return Feed(int(f.slot), [int(t) for t in f.tokens], int(f.n_logits))
+    return Feed(int(f[0]), [int(t) for t in f[1]], int(f[2]) if len(f) > 2 else 1)
 
 
 class Context:
@@ -95,9 +94,10 @@ class Context:
         between chunks leaves each slot with the tokens of the chunks that ran.
         """
         self._rows = {}
-        feeds = sorted((_feed(f) for f in feeds), key=lambda f: f.slot)
+        feeds = [_feed(f) for f in feeds]
         if not feeds:
             return
+        feeds.sort()  # by slot
         self._check(feeds)
         for f in feeds:
             # Whatever the cache holds past a slot's history (a decode cut short) goes first.
@@ -105,12 +105,9 @@ class Context:
         # Tokens without logits first, then every feed's rows with logits, in slot order (llama.cpp
         # batches runs of consecutive slots); chunks end at the list's end, so the last one holds
         # all rows with logits.
-        entries: list[tuple[int, int]] = []  # (slot, token)
-        for f in feeds:
-            entries.extend((f.slot, t) for t in f.tokens[: len(f.tokens) - f.n_logits])
+        entries = [(f.slot, t) for f in feeds for t in f.tokens[: len(f.tokens) - f.n_logits]]
         n_heads = len(entries)
-        for f in feeds:
-            entries.extend((f.slot, t) for t in f.tokens[len(f.tokens) - f.n_logits :])
+        entries += [(f.slot, t) for f in feeds for t in f.tokens[len(f.tokens) - f.n_logits :]]
         for start, end in batch_chunks(len(entries), self.n_batch):
             self._decode(entries[start:end], max(n_heads - start, 0))
         # Only the first chunk is short, so the last one starts n_batch before the end; in it
@@ -126,7 +123,8 @@ class Context:
         seen = set()
         n_rows = 0
         for f in feeds:
-            self._check_slot(f.slot)
+            if not 0 <= f.slot < self.n_slots:
+                raise ValueError(f"slot must be in [0, {self.n_slots}), got {f.slot}")
             if f.slot in seen:
                 raise ValueError(f"slot {f.slot} fed twice in one decode")
             seen.add(f.slot)
@@ -138,6 +136,8 @@ class Context:
                 raise ValueError(f"slot {f.slot}: token ids must be in [0, {self.n_vocab})")
             held = len(self.tokens[f.slot])
             if held + len(f.tokens) > self.slot_ctx:
+                if self.n_slots == 1:
+                    raise EFTError(f"context full: {held} + {len(f.tokens)} tokens exceed the context of {self.slot_ctx}")
                 raise EFTError(
                     f"slot {f.slot} full: {held} + {len(f.tokens)} tokens exceed the {self.slot_ctx} a slot holds"
                     f" ({self._capacity_reason()})"
@@ -279,8 +279,7 @@ class Slot:
         Long inputs are split into n_batch chunks (a larger batch aborts llama.cpp); the rows
         with logits must all fit in the final chunk.
         """
-        rules.check_eval(self, tokens, n_logits)
-        self.context.decode([(self.slot, tokens, n_logits)])
+        self.context.decode(((self.slot, tokens, n_logits),))
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Raw logits of output row ``i`` of the last eval (-1: the last token); a view into
