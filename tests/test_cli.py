@@ -278,7 +278,7 @@ def test_prompt_longer_than_context(tiny):
     "option, value, words",
     [
         ("--top-p", "1.5", "top_p"),
-        ("--temperature", "-1", "temperature"),
+        ("--temperature", "nan", "temperature"),
         ("--min-p", "2", "min_p"),
         ("--top-k", "-3", "top_k"),
         ("-n", "0", "max_tokens"),

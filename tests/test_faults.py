@@ -347,11 +347,12 @@ def test_stop_accepts_one_string(answers):
 
 
 @pytest.mark.parametrize("threads", ["0", "-3", "100000"])
-def test_threads_out_of_range_are_one_line_errors(threads):
+def test_threads_out_of_range_are_one_line_usage_errors(threads):
     result = run_cli(["generate", QUESTION, "--threads", threads, "-n", "2"])
-    assert result.returncode == 1
+    assert result.returncode == 2
     err = result.stderr.decode()
-    assert err.startswith("error: threads must be from 1 to ") and err.count("\n") == 1
+    assert err.startswith("error: Invalid value for '--threads' / '-t': ") and err.count("\n") == 1
+    assert f"{threads} is not from 1 to " in err
 
 
 def test_bad_seeds_and_weights_are_one_line_errors():

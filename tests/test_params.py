@@ -31,7 +31,7 @@ def test_normalises_what_json_and_python_callers_send():
 
 @pytest.mark.parametrize("options, message", [
     ({"temperature": "hot"}, "temperature must be a number"),
-    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a number"),
     ({"top_p": 0}, "top_p must be in (0, 1]"),
     ({"top_k": 1.5}, "top_k must be an integer"),
     ({"max_tokens": 0}, "max_tokens must be an integer of at least 1"),
@@ -52,9 +52,15 @@ def test_each_bad_value_is_one_line_naming_the_option(options, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_temperature_below_zero_is_greedy_as_in_llama_cpp():
+    assert SamplingParams.create(temperature=-1).temperature == 0.0
+    assert SamplingParams.create(temperature=-0.0).sampler().greedy
+
+
 def test_every_field_is_an_option_of_stream():
     assert FIELDS == {"max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "speculative",
-                      "ignore_eos", "weights", "plausible_top_p", "plausible_min_p", "plausible_model", "logprobs"}
+                      "ignore_eos", "weights", "plausible_top_p", "plausible_min_p", "plausible_model", "context_shift",
+                      "logprobs"}
 
 
 @pytest.fixture(scope="module")

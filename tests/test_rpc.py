@@ -312,7 +312,7 @@ def test_rpc_server_port_in_use(servers):
 # --- without servers ---------------------------------------------------------------------------
 
 def test_build_without_rpc_says_how_to_reinstall(monkeypatch):
-    monkeypatch.setattr(rpc.ggml, "rpc_available", lambda: False)
+    monkeypatch.setattr(rpc.build, "rpc_available", lambda: False)
     with pytest.raises(EFTError, match=r"built without RPC; reinstall it with: pip cache remove llama_cpp_python; "
                                        r"CMAKE_ARGS=\"-DGGML_RPC=on\" pip install --force-reinstall"):
         demo(rpc="127.0.0.1:50052")

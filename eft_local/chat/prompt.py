@@ -26,6 +26,15 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise EFTError(f"each message needs a role in {ROLES} and a string content, got {m!r}")
 
 
+def without_oldest_turn(messages: Sequence[Message]) -> list[Message] | None:
+    """``messages`` without their oldest turn (a user message and what follows it up to the next
+    one), for a chat that no longer fits; system messages at the start and the last user message
+    stay. None when nothing can go."""
+    start = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    after = next((i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None)
+    return None if after is None else [*messages[:start], *messages[after:]]
+
+
 def plain_transcript(messages: Sequence[Message]) -> str:
     """A chat as plain text that a pre-trained model can continue as the assistant."""
     names = {"system": "System", "user": "User", "assistant": "Assistant"}

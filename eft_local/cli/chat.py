@@ -12,22 +12,25 @@ import click
 
 from ..core.errors import EFTError
 from ..core.text import replace_undecodable
+from .chat_commands import MULTI_LINE, Session, command_lines, run_command
 from .common import (UNDECODABLE, clean_arg, engine_options, handle_errors, load, model_options, sampling_options,
                      split_options, system_option, verbose_option)
 
 
-@click.command()
+@click.command(epilog="\b\nCommands in the chat:\n" + "\n".join(command_lines()))
 @model_options
 @engine_options
-@sampling_options()
+@sampling_options(context_shift=dict(default=True))
 @system_option
 @verbose_option
 @handle_errors
 def chat(system: str | None, **kwargs: Any) -> None:
-    """Chat in the terminal: /reset clears the conversation, /exit (or Ctrl-D) leaves.
+    """Chat in the terminal; /help lists the commands (below), /exit or Ctrl-D leaves.
 
-    Ctrl-C stops the reply in progress and keeps the conversation. At a terminal, lines can be
-    edited and earlier ones recalled with the arrow keys (kept in memory only).
+    Ctrl-C stops the reply in progress and keeps the conversation. When the conversation no
+    longer fits the context, its oldest turns are left out (--no-context-shift: an error
+    instead). At a terminal, lines can be edited and earlier ones recalled with the arrow keys
+    (kept in memory only).
     """
     engine_kw, sample_kw = split_options(kwargs)
     system = clean_arg(system)
@@ -55,8 +58,7 @@ def enable_line_editing() -> None:
         pass
 
 
-HELP = ("commands: /reset clears the conversation, /weight W sets the delta's weight, /delta N weight W "
-        "sets delta N's, /exit leaves; Ctrl-C stops a reply")
+HELP = "/help lists the commands, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
 LEAVE_HINT = "(to leave, type /exit or press Ctrl-D)"
 
 
@@ -102,20 +104,21 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
 
     Ctrl-C stops a reply (the partial reply is kept) or, at the prompt, prints how to leave;
     anywhere else it is ignored, so the conversation is always whole. ``eft`` only needs
-    ``stream_chat(messages, **options)``, so this runs without models in tests.
+    ``stream_chat(messages, **options)`` (and more for /show and the weights), so this runs
+    without models in tests.
     """
     out = out or sys.stdout
-    start = [{"role": "system", "content": system}] if system else []
-    messages = list(start)
+    session = Session(eft, dict(sample_kw), [{"role": "system", "content": system}] if system else [], out)
     out.write(f"Chatting. {HELP}.\n")
+    shifted = False  # the first turn left out of the context is announced, once
     with ChatInterrupts().installed() as interrupts:
-        while True:
+        while not session.leave:
             try:
                 with interrupts.armed():
-                    line = read(">>> ")
+                    line = read_message(read, read(">>> "))
             except EOFError:
                 out.write("\n")
-                return messages
+                break
             except KeyboardInterrupt:
                 out.write(f"\n{LEAVE_HINT}\n")
                 continue
@@ -125,69 +128,61 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
             line, replaced = replace_undecodable(line)
             if replaced:
                 sys.stderr.write(f"warning: {UNDECODABLE}\n")
-            text = line.strip()
-            if not text:
+            if not line.strip():
                 continue
-            if text in ("/exit", "/quit", "/bye"):
-                return messages
-            if text == "/reset":
-                messages = list(start)
-                out.write("(conversation cleared)\n")
+            if line.lstrip().startswith("/"):
+                shown = run_command(session, line)
+                if shown:
+                    out.write(shown + "\n")
                 continue
-            if text.split()[0] in ("/weight", "/delta"):
-                out.write(weight_command(eft, text) + "\n")
-                continue
-            if text.startswith("/"):
-                out.write(f"unknown command {text.split()[0]}; {HELP}\n")
-                continue
-            turn = [*messages, {"role": "user", "content": line}]
+            turn = [*session.messages, {"role": "user", "content": line}]
             reply: list[str] = []
             stopped = False
             chunks = None
+            stats: dict[str, Any] = {}
             try:
                 with interrupts.armed():
-                    chunks = eft.stream_chat(turn, **sample_kw)
+                    chunks = eft.stream_chat(turn, **session.options)
                     for chunk in chunks:
                         if chunk.text:
                             out.write(chunk.text)
                             out.flush()
                             reply.append(chunk.text)
+                        stats = getattr(chunk, "stats", None) or stats
             except KeyboardInterrupt:
                 stopped = True
             except EFTError as e:
                 # A turn that cannot run (the context is full) does not end the session.
-                sys.stderr.write(f"error: {e}; /reset starts a new conversation\n")
+                sys.stderr.write(f"error: {e}; /clear starts a new conversation\n")
                 continue
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()  # a stopped stream lets go of the models now, not when collected
             # The reply as shown, stopped or not, is what the next turn continues from.
-            messages = [*turn, {"role": "assistant", "content": "".join(reply)}]
+            session.messages[:] = [*turn, {"role": "assistant", "content": "".join(reply)}]
             out.write(" (stopped)\n" if stopped else "\n")
+            if stats.get("context_full"):
+                out.write(dim("(the reply reached the end of the context)", out) + "\n")
+            if stats.get("dropped_messages") and not shifted:
+                shifted = True
+                out.write(dim("(the conversation no longer fits the context: its oldest turns are left out)", out)
+                          + "\n")
+    return session.messages
 
 
-def weight_command(eft: Any, text: str) -> str:
-    """Apply ``/weight W`` or ``/delta N weight W``; return the line to show."""
-    try:
-        index, value = parse_weight_command(text)
-        weights = list(eft.weights)
-        weights[index] = value
-        eft.set_weights(weights)
-        return f"(delta {index + 1} weight {value:g})"
-    except EFTError as e:
-        return f"error: {e}"
-    except (ValueError, IndexError):
-        return f"usage: /weight W or /delta N weight W, N from 1 to {len(eft.weights)}"
+def read_message(read: Callable[[str], str], line: str) -> str:
+    """``line``, or, when it starts with three double quotes, every line up to the closing ones."""
+    if not line.lstrip().startswith(MULTI_LINE):
+        return line
+    text, lines = line.lstrip()[len(MULTI_LINE):], []
+    while not text.rstrip().endswith(MULTI_LINE):
+        lines.append(text)
+        text = read("... ")
+    lines.append(text.rstrip()[: -len(MULTI_LINE)])
+    return "\n".join(lines).strip("\n")
 
 
-def parse_weight_command(text: str) -> tuple[int, float]:
-    """``/weight W`` (the first delta) or ``/delta N weight W``: (0-based delta index, weight)."""
-    words = text.split()
-    if words[0] == "/weight" and len(words) == 2:
-        return 0, float(words[1])
-    if words[0] == "/delta" and len(words) == 4 and words[2] == "weight" and int(words[1]) >= 1:
-        return int(words[1]) - 1, float(words[3])
-    raise ValueError(text)
-
-
+def dim(text: str, out: TextIO) -> str:
+    """``text`` dimmed on a terminal (a notice, not part of the reply)."""
+    return click.style(text, dim=True) if getattr(out, "isatty", lambda: False)() else text

@@ -17,7 +17,7 @@ from ..core.errors import EFTError
 from ..core.params import FIELDS, cli_fields
 from ..core.text import replace_undecodable
 from ..engine.eft import DEFAULT_CTX, EFT
-from ..engine.model_set import BASE_PROMPTS
+from ..engine.model_set import BASE_PROMPTS, max_threads
 from ..runtime.log import llama_log_scope, llama_logger
 
 # Like --verbose, and unexpected exceptions are re-raised with their traceback (for debugging).
@@ -29,13 +29,6 @@ def fail(message: str, code: int = 1) -> None:
     """Print a one-line error and exit."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
-
-
-class UsageError(click.UsageError):
-    """A usage error shown as one ``error: ...`` line (exit status 2)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 def _remember_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -126,20 +119,30 @@ def handle_errors(f: Callable) -> Callable:
 
 
 class PerRole(click.ParamType):
-    """An integer for every model, or ``role=N`` pairs separated by commas."""
+    """An integer for every model, or ``role=N`` pairs separated by commas, each from ``low`` to
+    ``high`` (a value out of range is a usage error)."""
 
     name = "N|ROLE=N,..."
+
+    def __init__(self, low: int, high: int | None = None):
+        self.low, self.high = low, high
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int | dict[str, int]:
         if isinstance(value, (int, dict)):
             return value
         try:
             if "=" not in value:
-                return int(value)
-            pairs = (item.split("=", 1) for item in value.split(","))
-            return {role.strip(): int(n) for role, n in pairs}
+                parsed: int | dict[str, int] = int(value)
+            else:
+                pairs = (item.split("=", 1) for item in value.split(","))
+                parsed = {role.strip(): int(n) for role, n in pairs}
         except ValueError:
             self.fail(f"{value!r} is not an integer or a list like base=-1,tuned=0", param, ctx)
+        for n in parsed.values() if isinstance(parsed, dict) else [parsed]:
+            if n < self.low or (self.high is not None and n > self.high):
+                bound = f"from {self.low} to {self.high}" if self.high is not None else f"at least {self.low}"
+                self.fail(f"{n} is not {bound}", param, ctx)
+        return parsed
 
 
 def model_options(f: Callable) -> Callable:
@@ -147,10 +150,11 @@ def model_options(f: Callable) -> Callable:
     for decorator in reversed(
         [
             click.option("--recipe", help="Named model set (bundled, or from ~/.config/eft-local/recipes.toml; see `eft-local models`) [default: demo, the bundled triple]."),
-            click.option("--base", "--model", "-m", "base", type=click.Path(dir_okay=False),
+            # Plain paths: what is wrong with a file (missing, a directory, not GGUF) is the loader's one line.
+            click.option("--base", "--model", "-m", "base", type=click.Path(),
                          help="Large pre-trained model (GGUF): the model being steered."),
-            click.option("--tuned", type=click.Path(dir_okay=False), help="Small fine-tuned model (GGUF)."),
-            click.option("--reference", type=click.Path(dir_okay=False), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
+            click.option("--tuned", type=click.Path(), help="Small fine-tuned model (GGUF)."),
+            click.option("--reference", type=click.Path(), help="The pre-trained model --tuned was fine-tuned from (GGUF)."),
             click.option("--delta", "-d", "deltas", multiple=True, metavar="TUNED:REFERENCE[:WEIGHT]",
                          help="A fine-tuning delta (repeatable); replaces --tuned/--reference/--weight."),
         ]
@@ -184,7 +188,7 @@ def check_base_path(base: str | None) -> None:
     except EFTError:
         return  # a broken recipes file is reported where recipes are used
     if base in names:
-        raise UsageError(f"-m/--model takes the base model's GGUF file; for the recipe {base!r} use --recipe {base}")
+        raise click.UsageError(f"-m/--model takes the base model's GGUF file; for the recipe {base!r} use --recipe {base}")
 
 
 def engine_options(f: Callable) -> Callable:
@@ -194,8 +198,8 @@ def engine_options(f: Callable) -> Callable:
             click.option("--weight", "-w", type=float, default=1.0, show_default=True, help="Weight of the fine-tuning delta (0: base model alone)."),
             click.option("--base-prompt", type=click.Choice(BASE_PROMPTS), default="same", show_default=True, help="same: every model sees the chat template; plain: base and reference see a plain transcript."),
             click.option("--ctx-size", "-c", type=int, default=DEFAULT_CTX, show_default=True, help="Context size per model (capped at each model's trained length)."),
-            click.option("--threads", "-t", type=PerRole(), default=None, help="CPU threads per model, or per role: base=2,tuned=1 [default: all cores, split when concurrent]."),
-            click.option("--gpu-layers", "--n-gpu-layers", "-ngl", "gpu_layers", type=PerRole(), default="0", show_default=True,
+            click.option("--threads", "-t", type=PerRole(1, max_threads()), default=None, help="CPU threads per model, or per role: base=2,tuned=1 [default: all cores, split when concurrent]."),
+            click.option("--gpu-layers", "--n-gpu-layers", "-ngl", "gpu_layers", type=PerRole(-1), default="0", show_default=True,
                          help="Layers to offload to the GPU per model (-1: all), or per role: base=-1,tuned=0."),
             click.option("--concurrent/--sequential", default=None, help="Run the three forward passes in threads or one after another [default: sequential]."),
             click.option("--rpc", metavar="HOST:PORT[,HOST:PORT...]", default=None,
@@ -258,11 +262,11 @@ def chosen_models(recipe: str | None, base: str | None, tuned: str | None, refer
                                 for i, (t, r, w) in enumerate(named)]
     check_base_path(base)
     if tuned or reference:
-        raise UsageError("--delta replaces --tuned/--reference: give one form")
+        raise click.UsageError("--delta replaces --tuned/--reference: give one form")
     try:
         parsed = [parse_delta(d) for d in deltas]
     except EFTError as e:
-        raise UsageError(str(e)) from None
+        raise click.UsageError(str(e)) from None
     if base is None:
         base = resolve_models(recipe, None, None, None)["base"]
     return base, parsed
@@ -302,19 +306,40 @@ def clean_arg(text: str | None) -> str | None:
     return text
 
 
-def read_prompt(prompt: str | None) -> str:
-    """The PROMPT argument, or standard input when it is left out and something is piped.
+def prompt_options(f: Callable) -> Callable:
+    """The prompt: the PROMPT argument, -p/--prompt or -f/--file (llama.cpp's), or standard input."""
+    for decorator in reversed([
+        click.argument("prompt", required=False),
+        click.option("--prompt", "-p", "prompt_text", metavar="TEXT", help="The prompt (instead of PROMPT)."),
+        click.option("--file", "-f", "prompt_file", type=click.Path(allow_dash=True), help="Read the prompt from this file ('-': standard input)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def read_prompt(prompt: str | None, prompt_text: str | None = None, prompt_file: str | None = None) -> str:
+    """The prompt from PROMPT, -p or -f (one of them), or standard input when none is given and
+    something is piped.
 
     Bytes that are not UTF-8 become U+FFFD, with a warning, rather than a failure later.
     """
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise UsageError("give a PROMPT or pipe one on standard input")
+    given = [x for x in (prompt, prompt_text, prompt_file) if x is not None]
+    if len(given) > 1:
+        raise click.UsageError("give the prompt once: as PROMPT, with -p/--prompt or with -f/--file")
+    prompt = given[0] if given else None
+    if prompt_file is not None and prompt_file != "-":
+        try:
+            with open(prompt_file, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise EFTError(f"cannot read {prompt_file}: {e.strerror or e}") from None
+        prompt = raw.decode("utf-8", errors="surrogateescape")
+    elif prompt is None or prompt_file == "-":
+        if prompt_file is None and sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT (or -p TEXT, -f FILE) or pipe one on standard input")
         # Read as bytes: Python's text reader would fail on them, or smuggle them in escaped.
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
     prompt = clean_arg(prompt)
     if not prompt.strip():
-        raise UsageError("the prompt is empty")
+        raise click.UsageError("the prompt is empty")
     return prompt
-
-

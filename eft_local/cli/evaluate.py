@@ -10,7 +10,7 @@ import click
 
 from ..core.errors import EFTError
 from ..evaluation import evaluate as ev
-from .common import (UsageError, engine_kwargs, engine_options, handle_errors, model_options, parallel_option,
+from .common import (engine_kwargs, engine_options, handle_errors, model_options, parallel_option,
                      resolve_models, sampling_options, verbose_option)
 
 
@@ -53,7 +53,7 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
         if path and os.path.exists(path) and os.path.exists(data) and os.path.samefile(path, data):
             raise EFTError(f"cannot write {path}: it is the data file")
     if deltas:
-        raise UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
+        raise click.UsageError("eval takes one delta per configuration: use --config LABEL=BASE,TUNED,REFERENCE[,W]")
     ev.compile_match(match)  # a bad pattern fails before the models load
     items = ev.load_items(data)[:limit]
     models = resolve_models(recipe, base, tuned, reference)

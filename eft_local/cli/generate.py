@@ -13,12 +13,12 @@ from ..chat.template import render_sample
 from ..core.deltas import role_names
 from ..engine.results import Chunk, Completion
 from ..runtime.vocab import check_vocabularies, read_vocab
-from .common import (UsageError, chosen_models, clean_arg, engine_options, handle_errors, load, model_options,
-                     read_prompt, sampling_options, split_options, system_option, verbose_option)
+from .common import (chosen_models, clean_arg, engine_options, handle_errors, load, model_options,
+                     prompt_options, read_prompt, sampling_options, split_options, system_option, verbose_option)
 
 
 @click.command()
-@click.argument("prompt", required=False)
+@prompt_options
 @model_options
 @engine_options
 @sampling_options()
@@ -27,11 +27,12 @@ from .common import (UsageError, chosen_models, clean_arg, engine_options, handl
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @verbose_option
 @handle_errors
-def generate(prompt: str | None, system: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
-    """Reply to PROMPT (read from standard input when omitted)."""
+def generate(prompt: str | None, prompt_text: str | None, prompt_file: str | None, system: str | None, raw: bool,
+             as_json: bool, **kwargs: Any) -> None:
+    """Reply to PROMPT (or -p TEXT, -f FILE; read from standard input when omitted)."""
     if raw and system is not None:
-        raise UsageError("--system needs the chat template: leave out --raw, or write the system text into the prompt")
-    prompt = read_prompt(prompt)
+        raise click.UsageError("--system needs the chat template: leave out --raw, or write the system text into the prompt")
+    prompt = read_prompt(prompt, prompt_text, prompt_file)
     system = clean_arg(system)
     engine_kw, sample_kw = split_options(kwargs)
     with load(**engine_kw) as eft:
@@ -62,7 +63,7 @@ def write_stream(chunks: Iterable[Chunk], out: TextIO) -> str:
 
 
 @click.command()
-@click.argument("prompt", required=False)
+@prompt_options
 @model_options
 @engine_options
 @sampling_options()
@@ -71,14 +72,15 @@ def write_stream(chunks: Iterable[Chunk], out: TextIO) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every token's numbers.")
 @verbose_option
 @handle_errors
-def explain(prompt: str | None, reply: str | None, raw: bool, as_json: bool, **kwargs: Any) -> None:
+def explain(prompt: str | None, prompt_text: str | None, prompt_file: str | None, reply: str | None, raw: bool,
+            as_json: bool, **kwargs: Any) -> None:
     """Show, token by token, what each model and the fine-tuning delta contributed to a reply.
 
     Columns: log p under each model, the delta term w * (log p_tuned - log p_reference), the
     combined probability, and the base model's own choice where it differs (marked *). Tokens
     the delta pushed up most are green, those it pushed down red.
     """
-    prompt = read_prompt(prompt)
+    prompt = read_prompt(prompt, prompt_text, prompt_file)
     engine_kw, sample_kw = split_options(kwargs)
     with load(**engine_kw) as eft:
         rows = eft.explain(prompt, raw=raw, reply=clean_arg(reply), **sample_kw)

@@ -10,7 +10,9 @@ import click
 
 from ..core.errors import EFTError
 from ..core.net import listen_address
-from .common import engine_options, handle_errors, load, model_options, parallel_option, verbose_option
+from ..core.params import SamplingParams
+from .common import (engine_options, handle_errors, load, model_options, parallel_option, sampling_options,
+                     split_options, verbose_option)
 
 
 @click.command()
@@ -21,13 +23,16 @@ from .common import engine_options, handle_errors, load, model_options, parallel
 @click.option("--queue", type=click.IntRange(0, 4096), default=16, show_default=True,
               help="Requests that may wait for the model; beyond them the server answers 503.")
 @click.option("--api-key", envvar="EFT_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' [env: EFT_LOCAL_API_KEY].")
+@sampling_options()
 @parallel_option
 @verbose_option
 @handle_errors
 def serve(host: str, port: int, queue: int, api_key: str | None, **kwargs: Any) -> None:
     """Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    Needs the server extra: pip install 'eft-local[server]'.
+    The sampling options are the defaults of requests that leave them out; --context-shift lets
+    an over-long chat leave out its oldest turns instead of answering 400. Needs the server
+    extra: pip install 'eft-local[server]'.
     """
     try:
         import uvicorn
@@ -36,9 +41,11 @@ def serve(host: str, port: int, queue: int, api_key: str | None, **kwargs: Any) 
     except ImportError:
         raise EFTError("serve needs the server extra: pip install 'eft-local[server]'") from None
     listen_address(host, port)  # one line now, not after the models load
-    name = served_name(kwargs["recipe"], kwargs["base"])
-    with load(**kwargs) as eft:
-        app = create_app(eft, model=name, queue=queue, api_key=api_key, parallel=eft.parallel)
+    engine_kw, sample_kw = split_options(kwargs)
+    defaults = SamplingParams.create(**sample_kw)
+    name = served_name(engine_kw["recipe"], engine_kw["base"])
+    with load(**engine_kw) as eft:
+        app = create_app(eft, model=name, queue=queue, api_key=api_key, parallel=eft.parallel, defaults=defaults)
         click.echo(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
         # handlers it found: this one makes SIGTERM, like Ctrl-C, end with status 0.

@@ -59,7 +59,7 @@ class Plausibility:
 class SamplingParams:
     """Options of one generation, checked and normalised when built.
 
-    ``temperature`` 0 is greedy; ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 turn those filters
+    ``temperature`` 0 (or less) is greedy; ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 turn those filters
     off. ``stop`` takes a string or a list. ``seed`` None or -1 is random. ``speculative`` is a
     draft length, "auto" or None/0/"off". ``weights`` overrides the deltas' weights for this
     call. ``logprobs`` asks for each token's log-probability under the combined distribution and
@@ -67,8 +67,8 @@ class SamplingParams:
     """
 
     max_tokens: int = option(512, "Most tokens to generate.", "--max-tokens", "--n-predict", "-n",
-                             aliases=("max_completion_tokens",))
-    temperature: float = option(0.8, "0 means greedy.", "--temperature", "--temp")
+                             aliases=("max_completion_tokens", "num_predict"))
+    temperature: float = option(0.8, "0 or less means greedy.", "--temperature", "--temp")
     top_k: int = option(40, "0 disables.", "--top-k")
     top_p: float = option(0.95, "1 disables.", "--top-p")
     min_p: float = option(0.05, "0 disables.", "--min-p")
@@ -87,6 +87,9 @@ class SamplingParams:
         "--plausible-min-p")
     plausible_model: str = option("tuned", "The model whose distribution decides what is plausible.",
                                   "--plausible-model", choices=PLAUSIBLE_MODELS)
+    context_shift: bool = option(
+        False, "When a chat no longer fits the context, leave out its oldest turns (never the system message).",
+        "--context-shift/--no-context-shift")
     # Each HTTP endpoint asks for log-probabilities in its own OpenAI shape.
     logprobs: int | None = option(None, "Each token's log-probability and this many alternatives.", http=False)
 
@@ -97,6 +100,8 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p"):
             if not _is_number(getattr(self, name)):
                 raise EFTError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if self.temperature < 0:  # llama.cpp's rule: a temperature of 0 or less samples greedily
+            set_("temperature", 0.0)
         try:
             Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
         except ValueError as e:
@@ -104,8 +109,9 @@ class SamplingParams:
         set_("seed", check_seed(self.seed))
         set_("stop", tuple(check_stop(self.stop)))
         set_("speculative", check_speculative(self.speculative))
-        if not isinstance(self.ignore_eos, bool):
-            raise EFTError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "context_shift"):
+            if not isinstance(getattr(self, name), bool):
+                raise EFTError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.weights is not None:
             if isinstance(self.weights, (str, bytes)) or not isinstance(self.weights, Sequence):
                 raise EFTError(f"weights must be a list of numbers, got {self.weights!r}")

@@ -25,7 +25,6 @@ from ..runtime.backend import reusable
 from ..core.combine import log_softmax
 from ..core.errors import EFTError
 from ..runtime.context import Context, Feed
-from ..core.params import SamplingParams
 from .results import Chunk, Reply
 from ..core.sampling import Sampler
 
@@ -43,11 +42,10 @@ class _Seq:
     """One request: its prompts per model, its options, and where its generation stands."""
 
     prompts: dict["Backend", list[int]]
-    params: SamplingParams
+    reply: Reply  # and the request's options, reply.params
     sampler: Sampler
     rng: np.random.Generator
     mix: "Mix"
-    reply: Reply
     out: "queue.SimpleQueue[Chunk | BaseException]" = field(default_factory=queue.SimpleQueue)
     slot: int = -1
     fed: dict["Backend", int] = field(default_factory=dict)  # prompt tokens the slot holds
@@ -88,15 +86,15 @@ class Batcher:
 
     # --- the caller's side -----------------------------------------------------------------
 
-    def submit(self, by_role: dict[str, list[int]], params: SamplingParams, sampler: Sampler,
-               rng: np.random.Generator, mix: "Mix") -> "_Stream":
+    def submit(self, by_role: dict[str, list[int]], reply: Reply, sampler: Sampler, rng: np.random.Generator,
+               mix: "Mix") -> "_Stream":
         """Queue a request; its chunks arrive as the scheduler produces them."""
         prompts = {self.model_set.by_role[role]: list(toks) for role, toks in by_role.items()}
         longest = max(len(t) for t in prompts.values())
         if longest >= self.slot_ctx:
             raise EFTError(f"prompt has {longest} tokens but a slot holds {self.slot_ctx} "
                            f"(the context split over {self.n_slots} slots, or the trained length)")
-        seq = _Seq(prompts, params, sampler, rng, mix, Reply(self.model_set.by_role["tuned"], params))
+        seq = _Seq(prompts, reply, sampler, rng, mix)
         with self._cond:
             if self._closed:
                 raise EFTError("this EFT is closed")
@@ -239,14 +237,12 @@ class Batcher:
         chunk = seq.reply.take(token, logp)
         if chunk is not None:
             seq.out.put(chunk)
-        finish = seq.reply.finish
-        if finish is None and any(len(m.tokens[seq.slot]) >= self.slot_ctx for m in self.slots.values()):
-            finish = "length"
-        if finish is None:
+        full = any(len(m.tokens[seq.slot]) >= self.slot_ctx for m in self.slots.values())
+        if seq.reply.finish is None and not full:
             seq.pending = token
             return
         seq.out.put(seq.reply.end(
-            finish, prompt_tokens=len(seq.prompts[self.model_set.by_role["tuned"]]), prompt_eval_tokens=seq.prompt_eval,
+            seq.reply.finish, prompt_tokens=len(seq.prompts[self.model_set.by_role["tuned"]]), prompt_eval_tokens=seq.prompt_eval,
             prompt_seconds=seq.t_ready - seq.t_admitted, generate_seconds=time.perf_counter() - seq.t_ready,
             slot=seq.slot))
         del self._active[seq.slot]

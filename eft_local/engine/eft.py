@@ -8,7 +8,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..chat.prompt import Message, chat_prompt, chat_tokens, check_messages, plain_transcript, raw_tokens
+from ..chat.prompt import (Message, chat_prompt, chat_tokens, check_messages, plain_transcript, raw_tokens,
+                           without_oldest_turn)
 from ..core.deltas import as_delta, check_weight
 from ..core.errors import EFTError
 from ..core.params import SamplingParams, check_int
@@ -209,38 +210,45 @@ class EFT:
         """
         p = SamplingParams.create(params, **options)
         mix = self.model_set.mix(p.weights, p.plausibility)
+        batched = self._batcher is not None and not p.speculative
         # Prompts are rendered and checked now, so a bad request fails at the call.
-        by_role, banned = self._checked_prompts(prompt, messages, raw, p.ignore_eos)
+        by_role, dropped = self._checked_prompts(prompt, messages, raw, p, batched)
+        sampler = p.sampler(self.model_set.end_tokens() if p.ignore_eos else ())
+        reply = Reply(self.model_set.by_role["tuned"], p, dropped_messages=dropped)
         rng = np.random.default_rng(p.seed)
-        if self._batcher is not None and not p.speculative:
-            return self._batcher.submit(by_role, p, p.sampler(banned), rng, mix)
-        return self._loop(by_role, p.sampler(banned), rng, p, mix)
+        if batched:
+            return self._batcher.submit(by_role, reply, sampler, rng, mix)
+        return self._loop(by_role, reply, sampler, rng, mix)
 
     @holding
     def _checked_prompts(self, prompt: str | None, messages: Sequence[Message] | None, raw: bool,
-                         ignore_eos: bool) -> tuple[dict[str, list[int]], tuple[int, ...]]:
-        """Each role's prompt tokens, checked against the context, and the ids to ban."""
+                         params: SamplingParams, batched: bool) -> tuple[dict[str, list[int]], int]:
+        """Each role's prompt tokens, checked against the context, and how many messages the
+        context shift left out (the oldest turns, until the prompt leaves room for a reply:
+        ``max_tokens``, but at most half of what a sequence holds)."""
+        capacity = self._batcher.slot_ctx if batched else self.model_set.n_ctx
         by_role = self._prompt_tokens(prompt, messages=messages, raw=raw)
+        dropped = 0
+        room = min(params.max_tokens, capacity // 2)
+        while params.context_shift and messages and max(map(len, by_role.values())) + room > capacity:
+            shorter = without_oldest_turn(messages)
+            if shorter is None:
+                break
+            dropped, messages = dropped + len(messages) - len(shorter), shorter
+            by_role = self._prompt_tokens(messages=messages)
         for toks in by_role.values():
             self.model_set.check_tokens(toks)
-        return by_role, self.model_set.end_tokens() if ignore_eos else ()
+        return by_role, dropped
 
-    def _loop(
-        self,
-        by_role: dict[str, list[int]],
-        sampler: Sampler,
-        rng: np.random.Generator,
-        params: SamplingParams,
-        mix: Mix,
-    ) -> Iterator[Chunk]:
+    def _loop(self, by_role: dict[str, list[int]], reply: Reply, sampler: Sampler, rng: np.random.Generator,
+              mix: Mix) -> Iterator[Chunk]:
         """The EFT loop: prefill every model, then take tokens until a stop.
 
         The models are held for the whole generation (another thread's call waits) and let go
         before the last chunk, so a caller that stops reading there keeps nothing locked.
         """
         tuned = self.model_set.by_role["tuned"]
-        reply = Reply(tuned, params)
-        speculative = params.speculative
+        speculative = reply.params.speculative
         guard = self._guard
         with guard.take():
             guard.enter()
@@ -275,7 +283,7 @@ class EFT:
                     source.close()
                 guard.leave()
         # A token source that runs out has filled the context.
-        yield reply.end(reply.finish or "length", prompt_tokens=len(prompts[tuned]), prompt_eval_tokens=prompt_eval,
+        yield reply.end(reply.finish, prompt_tokens=len(prompts[tuned]), prompt_eval_tokens=prompt_eval,
                         prompt_seconds=t1 - t0, generate_seconds=time.perf_counter() - t1, **timing.summary())
 
     def explain(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None, raw: bool = False,

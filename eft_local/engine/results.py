@@ -88,9 +88,10 @@ class Reply:
     """A reply as it is built token by token, the same way by every decoder: the text safe to
     show (whole characters, stop strings held back), the tokens, and why it ended."""
 
-    def __init__(self, tuned: "Backend", params: "SamplingParams"):
+    def __init__(self, tuned: "Backend", params: "SamplingParams", *, dropped_messages: int = 0):
         self.tuned = tuned
         self.params = params
+        self.dropped_messages = dropped_messages  # what the context shift left out of the chat
         self.text = TextStream(params.stop)
         self.tokens: list[int] = []
         self.finish: str | None = None  # set when the reply ends ("stop" or "length")
@@ -111,10 +112,15 @@ class Reply:
             self.finish = "length"
         return chunk
 
-    def end(self, finish: str, *, prompt_tokens: int, prompt_eval_tokens: int, prompt_seconds: float,
+    def end(self, finish: str | None, *, prompt_tokens: int, prompt_eval_tokens: int, prompt_seconds: float,
             generate_seconds: float, **extra: Any) -> Chunk:
-        """The last chunk: what text was held back, ``finish`` and the stats."""
+        """The last chunk: what text was held back, why the reply ended and the stats. ``finish``
+        None: the context is full (finish_reason "length", stats ``context_full``)."""
         n = len(self.tokens)
+        if self.params.context_shift:
+            extra["dropped_messages"] = self.dropped_messages
+        if finish is None:
+            finish, extra["context_full"] = "length", True
         stats = {
             "prompt_tokens": prompt_tokens,
             # Fewer than prompt_tokens when the models' caches already held the start.

@@ -9,6 +9,7 @@ model (``devices``), and ``Llama`` would compile the file's chat templates at lo
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 from typing import Sequence
@@ -16,6 +17,7 @@ from typing import Sequence
 import llama_cpp
 
 from ..core.errors import EFTError
+from .ggml import gpu_devices
 from .log import llama_log_scope, load_error, model_load
 
 # A piece longer than this comes back as a negative length and is retried with a larger buffer.
@@ -23,6 +25,7 @@ _PIECE_BUF = 256
 # llama.cpp's "every layer" for n_gpu_layers (-1 in eft-local, as in llama.cpp's tools).
 _ALL_LAYERS = 0x7FFFFFFF
 
+_log = logging.getLogger(__name__)
 _init_lock = threading.Lock()
 _initialized = False
 
@@ -46,6 +49,10 @@ class Model:
         handles; default: every device registered in this process); ``vocab_only``: no weights."""
         self.path = os.fspath(path)
         backend_init()
+        if n_gpu_layers and devices is None and not gpu_devices():
+            # llama.cpp would say "offloaded 5/5 layers to GPU" and run them on the CPU.
+            _log.warning("GPU layers were asked for, but this llama-cpp-python has no GPU offload: the models run on "
+                         "the CPU (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" or \"-DGGML_METAL=on\")")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = _ALL_LAYERS if n_gpu_layers == -1 else n_gpu_layers
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.errors import EFTError, UnavailableError
-from ..core.params import http_fields
+from ..core.params import SamplingParams, http_fields
 from ..engine.eft import EFT
 
 # A chat of this many bytes is far beyond any context eft-local runs; larger bodies are refused.
@@ -82,9 +82,10 @@ def sampling_options(body: dict[str, Any], eft: EFT) -> dict[str, Any]:
 
 
 def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = None,
-               max_body: int = MAX_BODY, parallel: int = 1) -> FastAPI:
+               max_body: int = MAX_BODY, parallel: int = 1, defaults: SamplingParams | None = None) -> FastAPI:
     """The app serving ``eft`` under the model id ``model``: ``parallel`` generations at once
-    (the EFT's slots), ``queue`` more waiting."""
+    (the EFT's slots), ``queue`` more waiting; ``defaults`` for what a request leaves out (the
+    server's own options, as llama-server's)."""
     workers = ThreadPoolExecutor(max_workers=parallel + queue, thread_name_prefix="eft-serve")
 
     @contextlib.asynccontextmanager
@@ -208,7 +209,7 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
         top = body.get("top_logprobs")
         return await run(body, lambda: eft.create_chat_completion(
             messages, stream=bool(body.get("stream")), model=model, logprobs=logprobs, top_logprobs=top,
-            include_usage=include_usage(body), **options))
+            include_usage=include_usage(body), params=defaults, **options))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -221,7 +222,7 @@ def create_app(eft: EFT, *, model: str, queue: int = 16, api_key: str | None = N
         options = sampling_options(body, eft)
         return await run(body, lambda: eft.create_completion(
             prompt, stream=bool(body.get("stream")), model=model, logprobs=body.get("logprobs"),
-            include_usage=include_usage(body), **options))
+            include_usage=include_usage(body), params=defaults, **options))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

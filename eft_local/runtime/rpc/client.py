@@ -36,7 +36,7 @@ from .. import backend as rules
 from ..backend import batch_chunks, check_eval
 from ..log import llama_logger
 from .endpoints import probe, reachable
-from .ggml import require_rpc
+from .build import require_rpc
 
 logger = logging.getLogger("eft_local.rpc")
 

@@ -6,23 +6,14 @@ import ctypes
 import threading
 from typing import Sequence
 
-from .ggml import DEV_GPU, DEV_IGPU, ggml, require_rpc, rpc_function
+from ..ggml import devices, gpu_devices
+from .build import require_rpc, rpc_function
 
 
 def server_devices() -> list[int]:
     """The devices a server lends, as llama.cpp's rpc-server picks them: every GPU, else the CPU."""
     require_rpc()
-    lib = ggml()
-    devices = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
-    gpus = [d for d in devices if lib.ggml_backend_dev_type(d) in (DEV_GPU, DEV_IGPU)]
-    return gpus or devices[:1]
-
-
-def device_names(devices: Sequence[int]) -> list[str]:
-    """``name (description)`` of each device."""
-    lib = ggml()
-    return [f"{lib.ggml_backend_dev_name(d).decode()} ({lib.ggml_backend_dev_description(d).decode()})"
-            for d in devices]
+    return gpu_devices() or devices()[:1]
 
 
 def start_server(address: str, port: int, *, threads: int, devices: Sequence[int],

@@ -24,7 +24,8 @@ from ...core.errors import EFTError
 from ..context import LocalBackend
 from ..log import llama_logger
 from .endpoints import address
-from .ggml import ggml, rpc_function
+from ..ggml import ggml
+from .build import rpc_function
 
 # Keepalive on the worker's connections: first probe after 10 s idle, then every 5 s, 3 tries;
 # unacknowledged data may wait 30 s. A server that is only computing still answers probes.
