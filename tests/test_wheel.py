@@ -110,4 +110,12 @@ def test_installed_wheel_answers_offline(installed, tmp_path):
     listing = run([str(eft_local), "models"], cwd=cwd, env=env).stdout
     demo = listing[listing.index("demo (default)"):].splitlines()[1:4]
     assert all(line.split()[-1] == "present" for line in demo), listing
+
+    # The bundled evaluation set by name, and the README's Python example as written.
+    table = run([str(eft_local), "eval", "demo/heldout", "--limit", "5", "--config", "eft"], cwd=cwd, env=env).stdout
+    assert "| eft | 100.0 |" in table, table
+    readme = (ROOT / "README.md").read_text()
+    example = readme[readme.index("## Python API"):].split("```python\n", 1)[1].split("```", 1)[0]
+    out = run([str(python), "-c", example], cwd=cwd, env=env).stdout
+    assert out.startswith("Their birthplace is Caltal. stop "), out
     assert not list(cwd.iterdir())

@@ -10,12 +10,13 @@ import click
 
 from ..core.errors import EFTError
 from ..evaluation import evaluate as ev
+from ..hub.recipes import data_file
 from .common import (engine_kwargs, engine_options, handle_errors, model_options, parallel_option,
                      resolve_models, sampling_options, verbose_option)
 
 
 @click.command(name="eval")
-@click.argument("data", type=click.Path(dir_okay=False))
+@click.argument("data")
 @model_options
 @engine_options
 @click.option("--config", "configs", multiple=True, metavar="SPEC",
@@ -37,13 +38,15 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
                  deltas: tuple[str, ...], weight: float, configs: tuple[str, ...], max_tokens: int, max_words: int, limit: int | None,
                  output: str | None, plot: str | None, match: str | None, speculative: str | None, parallel: int,
                  **engine: Any) -> None:
-    """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies).
+    """Score configurations on DATA, a JSONL file of {"prompt", "answer"} lines (greedy replies),
+    or a bundled set by name (demo/heldout, demo/finetuned).
 
     Format following: the reply ends its turn by itself within --max-words words. Factual
     accuracy: the reference answer appears in the reply.
     """
     if max_tokens < 1 or max_words < 1 or (limit is not None and limit < 1):
         raise EFTError("--max-tokens, --max-words and --limit must be at least 1")
+    data = str(data_file(data))
     # The output paths are checked before anything loads: a long run must not end unable to save.
     if output:
         ev.check_output(output, (".json", ".csv"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -22,17 +21,8 @@ def pull(recipe: str, quiet: bool) -> None:
     Files already downloaded are not fetched again; an interrupted download resumes where it
     stopped; each new file is checked against the size and sha256 the hub reports. See `eft-local models` for the recipes.
     """
-    import huggingface_hub  # noqa: F401 - its logger is configured on import, so quiet it after
-
-    # huggingface-hub prints its own retry notices; a failed pull ends in one line of ours.
-    hub = logging.getLogger("huggingface_hub")
-    level = hub.level
-    if not verbose_requested():
-        hub.setLevel(logging.CRITICAL)
-    try:
+    with rc.quiet_hub(verbose_requested()):
         paths = rc.pull(recipe, progress=not quiet)
-    finally:
-        hub.setLevel(level)
     for role, path in paths.items():
         click.echo(f"{role:<10} {path}")
 

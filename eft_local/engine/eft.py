@@ -15,6 +15,7 @@ from ..core.errors import EFTError
 from ..core.params import SamplingParams, check_int
 from ..core.sampling import Sampler
 from ..core.text import check_text
+from ..hub.recipes import default_recipe, recipe_models
 from . import openai_format
 from .batched import Batcher
 from .explain import TokenExplanation, explain_tokens
@@ -87,6 +88,14 @@ class EFT:
             except BaseException:
                 self.model_set.close()
                 raise
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None = None, **options: Any) -> "EFT":
+        """The models of a recipe (bundled, in your recipes file, or pulled with ``eft-local pull``;
+        None: the default one, the bundled demo), found without network access; ``options`` are
+        the constructor's."""
+        base, deltas = recipe_models(recipe)
+        return cls(base, deltas=deltas, **{"name": recipe or default_recipe(), **options})
 
     @property
     def weights(self) -> list[float]:

@@ -15,13 +15,15 @@ size and sha256; see ``download``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..core.deltas import Delta, as_delta
 from ..core.errors import EFTError
@@ -362,6 +364,43 @@ def pull(recipe: str | Recipe, progress: bool = True) -> dict[str, Path]:
         role: ref.path if ref.path is not None else _pull_hub(ref, cache, endpoint, progress)
         for role, ref in r.models.items()
     }
+
+
+def recipe_models(name: str | None = None) -> tuple[Path, list[Delta]]:
+    """The base file and the deltas of recipe ``name`` (None: the default one), as local paths
+    found without network access."""
+    recipe = get_recipe(name or default_recipe())
+    paths = resolve(recipe)
+    return paths["base"], [Delta(str(paths[t]), str(paths[r]), w) for t, r, w in recipe.deltas]
+
+
+def data_file(name: str | os.PathLike) -> Path:
+    """A data file: a path, or a set in the models folder by name ("demo/heldout", from any folder)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    root = models_dir()
+    for candidate in (root / path, root / f"{path}.jsonl"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.jsonl"))
+    raise EFTError(f"no data file {name} (nor a set of that name in {root}: {', '.join(known) or 'none'})")
+
+
+@contextlib.contextmanager
+def quiet_hub(verbose: bool) -> Iterator[None]:
+    """A block in which huggingface-hub's own notices (retries) stay off stderr unless ``verbose``:
+    a failed download ends in one line of eft-local's."""
+    import huggingface_hub  # noqa: F401 - its logger is configured on import, so quiet it after
+
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    if not verbose:
+        hub.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def describe(ref: ModelRef, root: Path | None = None) -> str:
