@@ -167,7 +167,10 @@ class Batcher:
                 ready.append(seq)
             elif self._prefill(seq, feeds):
                 ready.append(seq)
+        threads = self.model_set.threads
         for m, fs in feeds.items():
+            if threads is not None and m.threads != threads.choose():
+                m.set_threads(threads.current)
             if fs:
                 m.decode(fs)
         self.steps += 1

@@ -267,6 +267,7 @@ class EFT:
                 # Speculation drafts with the tuned model, so it runs every model.
                 running = self.model_set.backends if speculative else self.model_set.needed(mix)
                 counted = tuned if tuned in running else self.model_set.by_role["base"]
+                self.model_set.adjust_threads(now=True)
                 t0 = time.perf_counter()
                 evaluated = counted.n_evaluated
                 self.model_set.run_on(running, lambda b: b.sync(prompts[b]))

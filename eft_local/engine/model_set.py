@@ -27,6 +27,7 @@ from ..runtime.backend import Backend, default_threads
 from ..runtime.context import LocalBackend
 from ..runtime.rpc import RPCBackend, parse_endpoints, require_rpc
 from ..runtime.vocab import VocabReport, check_vocabularies, read_vocab
+from .threads import LoadThreads
 
 BASE_PROMPTS = ("same", "plain")
 # Measured on 2 cores (see README): three small models decode faster one after another,
@@ -119,6 +120,8 @@ class ModelSet:
             raise
         if self.concurrent and len(unique) > 1:
             self._pool = ThreadPoolExecutor(max_workers=len(unique), thread_name_prefix="eft")
+        # Threads nobody chose hold under load: fewer while other programs keep cores busy.
+        self.threads = LoadThreads(cores) if n_threads is None and not self.concurrent and cores > 1 else None
 
     def view(self, role: str) -> str:
         """What ``role`` sees: the chat as rendered ("chat") or a plain transcript ("plain")."""
@@ -175,6 +178,13 @@ class ModelSet:
             wait(futures)
         for f in futures:
             f.result()
+
+    def adjust_threads(self, now: bool = False) -> None:
+        """Follow the cores' load with the default threads (``now``: a generation starts)."""
+        if self.threads is not None:
+            before = self.threads.current
+            if self.threads.choose(now) != before:
+                set_threads(self.backends, self.threads.current)
 
     def needed(self, mix: Mix) -> list[Backend]:
         """The models ``mix`` reads: the base, each delta with a non-zero weight, the plausibility
@@ -242,6 +252,14 @@ class ModelSet:
             capped = min(self.backends, key=lambda b: b.n_ctx)
             return f"that is the trained length of {os.path.basename(capped.path)}, which no option raises"
         return "raise --ctx-size (n_ctx)"
+
+
+def set_threads(backends: Sequence[Backend], n: int) -> None:
+    """``n`` threads for each backend whose context is in this process."""
+    for b in backends:
+        context = getattr(b, "context", None)
+        if context is not None:
+            context.set_threads(n)
 
 
 def per_role(value: int | Mapping[str, int] | None, name: str, default: int, roles: Sequence[str]) -> dict[str, int]:

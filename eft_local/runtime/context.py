@@ -59,7 +59,7 @@ class Context:
         self.model = model
         self.n_slots = n_slots
         self.n_batch = n_batch
-        self.n_threads = threads = n_threads or default_threads()
+        self.n_threads = threads = n_threads or default_threads()  # the most it uses
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
@@ -72,6 +72,7 @@ class Context:
             self.ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ctx:
             raise EFTError(f"cannot make a {n_slots}-slot context of {n_ctx} for {model.path}")
+        self.threads = threads
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)  # cells over all slots, after llama.cpp's rounding
         self.slot_ctx = min(llama_cpp.llama_n_ctx_seq(self.ctx), model.n_ctx_train)
@@ -246,6 +247,12 @@ class Context:
         if ctx:
             with llama_log_scope():
                 llama_cpp.llama_free(ctx)
+
+    def set_threads(self, n: int) -> None:
+        """Decode with ``n`` threads from now on."""
+        with llama_log_scope():
+            llama_cpp.llama_set_n_threads(self.ctx, n, n)
+        self.threads = n
 
 
 class Slot:

@@ -77,3 +77,4 @@ def device_names(found: Sequence[int]) -> list[str]:
     lib = ggml()
     return [f"{lib.ggml_backend_dev_name(d).decode()} ({lib.ggml_backend_dev_description(d).decode()})"
             for d in found]
+
