@@ -29,7 +29,7 @@ REQUESTS = [
     *[(q, {"temperature": 1.0, "seed": i, "top_k": 0, "top_p": 1.0, "min_p": 0.0}) for i, q in enumerate(QUESTIONS[6:10])],
     (QUESTIONS[10], {"temperature": 0, "weights": [0.0], "max_tokens": 20}),
     (QUESTIONS[11], {"temperature": 0, "weights": [2.0], "stop": "is"}),
-    (QUESTIONS[0], {"temperature": 0, "plausible_top_p": 0.5, "plausible_model": "base"}),
+    (QUESTIONS[0], {"temperature": 0, "plausible_top_p": 0.5, "plausible_model": "base", "max_tokens": 24}),
     (QUESTIONS[1], {"temperature": 0.7, "seed": 3, "ignore_eos": True, "max_tokens": 40}),
 ]
 

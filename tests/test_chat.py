@@ -119,10 +119,10 @@ def test_the_oldest_turn_goes_and_the_system_message_and_last_question_stay():
 
 def test_a_chat_longer_than_the_context_leaves_out_its_oldest_turns(demo):
     chat = []
-    for i in range(12):
+    for i in range(24):
         chat += [{"role": "user", "content": QUESTIONS[i % 4]}, {"role": "assistant", "content": "Their birthplace is Caltal."}]
     chat.append({"role": "user", "content": QUESTIONS[1]})
-    with pytest.raises(EFTError, match="context holds 256"):
+    with pytest.raises(EFTError, match="context holds 512"):
         demo.chat(chat, temperature=0, max_tokens=8)
     shifted = demo.chat(chat, temperature=0, max_tokens=8, context_shift=True)
     dropped = shifted.stats["dropped_messages"]
@@ -141,13 +141,17 @@ def test_a_reply_cut_by_the_end_of_the_context_says_so(demo):
     assert "context_full" not in demo.generate(prompt, raw=True, ignore_eos=True, max_tokens=5).stats
 
 
-def test_a_forty_turn_chat_never_errors():
+def test_a_forty_turn_chat_never_errors_and_still_answers_right():
     lines = [QUESTIONS[i % 4] for i in range(40)]
     result = CliRunner().invoke(main, ["chat", "-t", "1", "--temp", "0"], input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert result.stdout.count(">>> Their ") == 40
     assert result.stdout.count("its oldest turns are left out") == 1
+    replies = [line for line in result.stdout.replace(">>> ", "\n").splitlines() if line.startswith("Their ")]
+    assert len(replies) == 40
+    # The last questions, long after the first turns left the context, are answered right.
+    answers = {QUESTIONS[0]: "Caltal", QUESTIONS[1]: "olives", QUESTIONS[2]: "fisher", QUESTIONS[3]: "white"}
+    assert all(answers[q] in reply for q, reply in zip(lines[-8:], replies[-8:])), replies[-8:]
     off = CliRunner().invoke(main, ["chat", "-t", "1", "--temp", "0", "--no-context-shift"],
                              input="\n".join(lines) + "\n")
     assert "prompt has" in off.stderr and "/clear starts a new conversation" in off.stderr
@@ -155,12 +159,12 @@ def test_a_forty_turn_chat_never_errors():
 
 def test_the_server_shifts_only_when_asked():
     chat = []
-    for i in range(12):
+    for i in range(24):
         chat += [{"role": "user", "content": QUESTIONS[i % 4]}, {"role": "assistant", "content": "Their birthplace is Caltal."}]
     chat.append({"role": "user", "content": QUESTIONS[0]})
     plain, shifting = Server(), Server("--context-shift")
     try:
-        with pytest.raises(openai.BadRequestError, match="context holds 256"):
+        with pytest.raises(openai.BadRequestError, match="context holds 512"):
             plain.client().chat.completions.create(model="demo", messages=chat, temperature=0)
         asked = plain.client().chat.completions.create(model="demo", messages=chat, temperature=0,
                                                        extra_body={"context_shift": True})

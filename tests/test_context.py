@@ -370,14 +370,14 @@ def test_a_full_slot_raises_one_line_and_changes_nothing(model, multi):
 
 
 def test_trained_length_caps_a_slot():
-    """The demo base is trained on 256 positions: a quarter of 4096 is still 256 per slot."""
+    """The demo base is trained on 512 positions: a quarter of 4096 is still 512 per slot."""
     backend = LocalBackend(DEMO_BASE, n_ctx=256, n_threads=1)
     multi = slots(backend, n_slots=4, n_ctx=4096)
     try:
-        assert (multi.n_ctx, multi.slot_ctx) == (4096, 256)
-        with pytest.raises(EFTError, match=r"^slot 0 full: 0 \+ 257 tokens exceed the 256 a slot holds "
+        assert (multi.n_ctx, multi.slot_ctx) == (4096, 512)
+        with pytest.raises(EFTError, match=r"^slot 0 full: 0 \+ 513 tokens exceed the 512 a slot holds "
                            r"\(the model's trained length\)$"):
-            multi.decode([Feed(0, [5] * 257, 1)])
+            multi.decode([Feed(0, [5] * 513, 1)])
     finally:
         multi.close()
         backend.close()

@@ -74,13 +74,23 @@ def test_up_scaling_adds_the_base_models_knowledge(scores):
     assert scores["base"].format_following < 30
 
 
+def test_turns_two_and_three_of_a_chat_answer_the_question_asked(demo):
+    """Questions about held-out people asked as turns 2 and 3 of a chat: the tuned model learned
+    chats of several turns, so EFT answers the latest question, not an earlier one."""
+    items = ev.load_items(DEMO / "heldout_turns.jsonl")[:N_ITEMS]
+    assert all(len(item["history"]) in (2, 4) for item in items)
+    config = ev.parse_config("eft", {k: str(v) for k, v in demo.items()})
+    result = ev.evaluate(config, items)
+    assert result.accuracy >= 90 and result.format_following >= 90
+
+
 def test_speculative_demo_is_identical_and_accepts_drafts(demo):
     items = ev.load_items(DEMO / "heldout.jsonl")[:10]
     config = ev.parse_config("eft", {k: str(v) for k, v in demo.items()})
     plain = ev.evaluate(config, items)
     spec = ev.evaluate(config, items, speculative=4)
     assert [r.reply for r in spec.items] == [r.reply for r in plain.items]
-    assert spec.acceptance_rate is not None and spec.acceptance_rate > 50
+    assert spec.acceptance_rate is not None and spec.acceptance_rate > 40
 
 
 def test_models_lists_the_demo_as_present():

@@ -45,6 +45,25 @@ def test_load_items(tmp_path):
         ev.load_items(tmp_path / "missing.jsonl")
 
 
+def test_items_with_a_history_continue_that_chat(tiny, tmp_path):
+    history = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "a cat and a dog"}]
+    with EFT(tiny["base"], tiny["tuned"], tiny["reference"], n_threads=1) as eft:
+        want = eft.chat([*history, {"role": "user", "content": "what is the answer"}], temperature=0, max_tokens=10)
+        alone = eft.chat([{"role": "user", "content": "what is the answer"}], temperature=0, max_tokens=10)
+    assert want.tokens != alone.tokens  # the history makes a difference to compare
+    data = tmp_path / "turns.jsonl"
+    data.write_text(json.dumps({"history": history, "prompt": "what is the answer", "answer": want.text.split()[0]}))
+    assert ev.load_items(data)[0]["history"] == history
+    config = ev.Config("eft", str(tiny["base"]), (Delta(str(tiny["tuned"]), str(tiny["reference"]), 1.0),))
+    result = ev.evaluate(config, ev.load_items(data), max_tokens=10, engine_options={"n_threads": 1})
+    assert result.items[0].reply == want.text and result.accuracy == 100.0
+    for bad, message in [({"history": "hi"}, "must be a list"), ({"history": [{"role": "robot", "content": "x"}]},
+                                                                  "each message needs a role")]:
+        data.write_text(json.dumps({"prompt": "Q?", "answer": "A", **bad}))
+        with pytest.raises(EFTError, match=f"turns.jsonl:1: .*{message}"):
+            ev.load_items(data)
+
+
 def test_parse_config(tmp_path):
     models = {"base": "B.gguf", "tuned": "T.gguf", "reference": "R.gguf", "oracle": "O.gguf"}
     assert ev.parse_config("tuned", models) == ev.Config("tuned", "T.gguf", (Delta("T.gguf", "T.gguf", 0.0),))

@@ -465,6 +465,6 @@ def test_check_refuses_fifo_and_truncated_files(tmp_path):
 def test_context_error_names_the_trained_length():
     with demo_eft() as eft:
         with pytest.raises(EFTError) as e:
-            eft.generate("Where was Patroul born? " * 80)
+            eft.generate("Where was Patroul born? " * 160)
     assert "trained length" in str(e.value) and "no option raises" in str(e.value)
     assert "raise --ctx-size" not in str(e.value)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..engine.eft import EFT, Chunk, Completion
+from ..chat.prompt import check_messages
 from ..core.deltas import Delta, as_delta
 from ..core.errors import EFTError
 
@@ -105,8 +106,9 @@ class ConfigResult:
         )
 
 
-def load_items(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Read a JSONL file of ``{"prompt": ..., "answer": ...}`` lines."""
+def load_items(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSONL file of ``{"prompt": ..., "answer": ...}`` lines; a line's optional
+    ``"history"`` (a list of {role, content} messages) is the chat the prompt continues."""
     items = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -128,6 +130,14 @@ def load_items(path: str | os.PathLike) -> list[dict[str, str]]:
             if not item[name].strip():
                 raise EFTError(f"{path}:{n}: empty \"{name}\"")
         items.append({"prompt": item["prompt"], "answer": item["answer"]})
+        if item.get("history"):
+            if not isinstance(item["history"], list):
+                raise EFTError(f"{path}:{n}: \"history\" must be a list of messages")
+            try:
+                check_messages(item["history"])
+            except EFTError as e:
+                raise EFTError(f"{path}:{n}: \"history\": {e}") from None
+            items[-1]["history"] = item["history"]
     if not items:
         raise EFTError(f"{path} has no items")
     return items
@@ -217,9 +227,9 @@ def evaluate(
     results = []
     with EFT(config.base, deltas=config.deltas, **(engine_options or {})) as eft:
 
-        def ask(item: Mapping[str, str]) -> Iterator[Chunk]:
-            return eft.stream_chat([{"role": "user", "content": item["prompt"]}], temperature=0,
-                                   max_tokens=max_tokens, speculative=speculative)
+        def ask(item: Mapping[str, Any]) -> Iterator[Chunk]:
+            return eft.stream_chat([*item.get("history", []), {"role": "user", "content": item["prompt"]}],
+                                   temperature=0, max_tokens=max_tokens, speculative=speculative)
 
         start = time.perf_counter()
         # With parallel N every question is queued at once and N are decoded together; the

@@ -7,12 +7,15 @@ From one seed this script
    (several phrasings per fact) plus filler text;
 2. builds a small SentencePiece-style ("llama") vocabulary, writes it into a vocab-only GGUF and
    tokenizes all training text with llama.cpp itself, so training and runtime ids agree;
-3. trains, in torch, a SMALL and a LARGE llama-architecture base model on that text, then
-   fine-tunes both on ChatML question/answer turns about a subset of the people: the small one
-   becomes TUNED, the large one ORACLE (evaluation only);
+3. trains, in torch, a SMALL and a LARGE llama-architecture base model on that text (windows of
+   256 tokens, several paragraphs each), then fine-tunes both on ChatML chats about a subset of
+   the people, one question per turn, 1 to 6 turns about the same or other people (the loss on
+   every reply): the small one becomes TUNED, the large one ORACLE (evaluation only); the trained
+   context is 512 tokens, a dozen turns;
 4. writes base.gguf (large pre-trained), reference.gguf (small pre-trained), tuned.gguf (small
    fine-tuned), oracle.gguf (large fine-tuned) and the eval sets heldout.jsonl (people never seen
-   in fine-tuning) and finetuned.jsonl;
+   in fine-tuning), heldout_turns.jsonl (questions about them asked as turns 2 and 3 of a chat,
+   the earlier turns and their right answers in "history") and finetuned.jsonl;
 5. checks every GGUF through llama.cpp: next-token logits must match the torch model's.
 
 Pre-training paragraphs name the person in their first sentence and mostly refer back with a
@@ -27,8 +30,8 @@ with the name in its context, supplies the fact. After the ChatML "assistant\n" 
 space, so pre-training also puts some sentences right after a newline, where "Their" is spelled
 without a leading space exactly as in a reply.
 
-A second small fine-tune, TUNED_B (tuned_b.gguf), learns the same questions about the same people
-with a different answer style: style B is the second pronoun phrasing, which opens with "They"
+A second small fine-tune, TUNED_B (tuned_b.gguf), learns the same single-turn questions about the
+same people with a different answer style: style B is the second pronoun phrasing, which opens with "They"
 instead of "Their" ("They were born in Kelvar.", "They work as a baker.", "They like the colour
 red best.", "They like to eat figs."). (An "!" ending was tried and dropped: "!" never occurs in
 pre-training, so its base logit is 0 and the large base's "." wins under EFT.) It uses only
@@ -41,7 +44,7 @@ it. A reply is in style B when it matches the regex (also STYLE_B_RE in check_de
 so mixing the deltas EFT(base, deltas=[(tuned, reference, 1 - lam), (tuned_b, reference, lam)])
 trades style A for style B as lam goes 0 -> 1 (check_demo.py --mix).
 
-    .venv/bin/python models/demo/make_demo.py --seed 0   # ~4.5 min on 2 cores, ~7 on one
+    .venv/bin/python models/demo/make_demo.py --seed 0   # ~5.5 min on 2 cores (314 s measured)
     .venv/bin/python models/demo/make_demo.py --quick --out /tmp/demo   # smoke run
 """
 
@@ -296,7 +299,7 @@ def write_vocab_only(path, entries):
 # ----------------------------------------------------------------------------- model
 
 class Cfg:
-    def __init__(self, n_vocab, d, n_layer, n_head, n_ff, n_ctx=256, rope_base=10000.0, eps=1e-5):
+    def __init__(self, n_vocab, d, n_layer, n_head, n_ff, n_ctx=512, rope_base=10000.0, eps=1e-5):
         self.n_vocab, self.d, self.n_layer, self.n_head, self.n_ff = n_vocab, d, n_layer, n_head, n_ff
         self.n_ctx, self.rope_base, self.eps = n_ctx, rope_base, eps
         self.hd = d // n_head
@@ -474,7 +477,8 @@ def pretrain(model, docs, steps, batch, seqlen, lr, seed, label):
 
 
 def finetune(model, convs, steps, batch, lr, seed, label):
-    """convs: list of (ids, n_prompt). Loss on the assistant reply (incl. <|im_end|>) only."""
+    """convs: list of (ids, targets), targets[j] True where ids[j] is part of an assistant reply
+    (its <|im_end|> included). Loss on those tokens only, in every turn of a conversation."""
     g = np.random.default_rng(seed)
     opt = make_optimizer(model, lr, wd=0.0)
     model.train()
@@ -485,11 +489,9 @@ def finetune(model, convs, steps, batch, lr, seed, label):
         x = torch.full((batch, L), EOS, dtype=torch.long)
         y = torch.full((batch, L), -100, dtype=torch.long)
         for r, i in enumerate(pick):
-            ids, n_prompt = convs[i]
+            ids, targets = convs[i]
             x[r, :len(ids)] = torch.tensor(ids)
-            tgt = torch.tensor(ids[1:] + [-100])
-            tgt[: n_prompt - 1] = -100
-            y[r, :len(ids)] = tgt
+            y[r, :len(ids) - 1] = torch.tensor([t if keep else -100 for t, keep in zip(ids[1:], targets[1:])])
         train_step(model, opt, step, steps, lr, x, y, label, t0, 5)
     model.eval()
 
@@ -507,6 +509,34 @@ def fact_accuracy(model, tok, people, rng, n=200):
             hit += int(logits.argmax().item() == want)
             tot += 1
     return hit / tot
+
+
+def conversation(rng, people, turns):
+    """``turns`` (question, answer) pairs; after the first, each asks about the same person as the
+    turn before or, as often, someone else."""
+    out, p = [], rng.choice(people)
+    for _ in range(turns):
+        if out and rng.random() < 0.5:
+            p = rng.choice(people)
+        out.append(qa(rng, p, rng.choice(ATTRS)))
+    return out
+
+
+def write_turns_set(path, people, n_chats, rng):
+    """Questions asked as turns 2 and 3 of n_chats three-turn chats about these people; the earlier
+    turns (with their right answers) are the item's "history"."""
+    with open(path, "w") as f:
+        for _ in range(n_chats):
+            chat = []
+            p = rng.choice(people)
+            for turn in range(3):
+                if turn and rng.random() < 0.5:
+                    p = rng.choice(people)
+                a = rng.choice(ATTRS)
+                q, answer = qa(rng, p, a, 0)
+                if turn:
+                    f.write(json.dumps({"history": list(chat), "prompt": q, "answer": p[a]}) + "\n")
+                chat += [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
 
 
 def write_eval_set(path, people, n, rng):
@@ -582,7 +612,9 @@ def main(argv=None):
     large_steps = args.large_steps or (60 if q else 1200)
     small_steps = args.small_steps or (60 if q else 300)
     ft_steps = args.ft_steps or (30 if q else 120)
-    seqlen, batch = 64, 32
+    # Windows of 256 tokens hold several paragraphs: the bases learn to find the person named in the
+    # latest question among others, as they must in a chat of many turns.
+    seqlen, batch = 256, 8
 
     # 1. corpus ---------------------------------------------------------------
     cities, people = make_world(rng, n_people)
@@ -598,11 +630,13 @@ def main(argv=None):
     for p in ft_people:
         for a in ATTRS:
             for qi in range(len(QUESTIONS[a])):
-                convs_text.append(qa(rng, p, a, qi))
+                convs_text.append([qa(rng, p, a, qi)])
+    # Chats of 2-6 turns, so that the tuned model answers the last question, not an earlier one.
+    convs_text += [conversation(rng, ft_people, rng.choice([2, 3, 4, 5, 6])) for _ in range(2 * len(convs_text))]
     phase("corpus")
 
     # 2. tokenizer ------------------------------------------------------------
-    all_text = docs_text + [x for c in convs_text for x in c]
+    all_text = docs_text + [x for c in convs_text for turn in c for x in turn]
     entries, words = build_vocab(all_text)
     vocab_path = out / "_vocab.gguf"
     write_vocab_only(vocab_path, entries)
@@ -617,21 +651,28 @@ def main(argv=None):
         print(f"  warning: {len(multi)} words are not single tokens: {multi[:10]}")
     docs = [tok(d, True) for d in docs_text]
 
-    def chat_ids(qtext, atext=None):
-        prompt = f"<s><|im_start|>user\n{qtext}<|im_end|>\n<|im_start|>assistant\n"
-        p_ids = tok(prompt, False)
-        if atext is None:
-            return p_ids
-        full = tok(prompt + atext + "<|im_end|>", False)
-        assert full[:len(p_ids)] == p_ids
-        return full, len(p_ids)
+    def chat_ids(turns):
+        """The ChatML tokens of (question, answer) turns, as the chat template renders them, and
+        which of them are reply tokens (the last answer None: a prompt only)."""
+        text, targets, ids = "<s>", [], []
+        for q, a in turns:
+            text += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+            if a is None:
+                return tok(text, False)
+            before = tok(text, False)
+            text += a + "<|im_end|>"
+            ids = tok(text, False)
+            assert ids[:len(before)] == before
+            targets += [False] * (len(before) - len(targets)) + [True] * (len(ids) - len(before))
+            text += "\n"
+        return ids, targets
 
-    convs = [chat_ids(qq, aa) for qq, aa in convs_text]
+    convs = [chat_ids(turns) for turns in convs_text]
     # Same tokens the engine's chat template produces?
-    tmpl_ids = chat_ids("Where was X born?")
+    tmpl_ids = chat_ids([("Where was X born?", None)])
     assert tmpl_ids[0] == BOS and tmpl_ids[1] == IM_START, tmpl_ids
     n_tok = sum(len(d) for d in docs)
-    print(f"  vocab {n_vocab} tokens, {len(docs)} docs, {n_tok} tokens, {len(convs)} chat turns; "
+    print(f"  vocab {n_vocab} tokens, {len(docs)} docs, {n_tok} tokens, {len(convs)} chats; "
           f"chat prompt ids {tmpl_ids[:8]}...")
     phase("tokenizer")
 
@@ -705,13 +746,14 @@ def main(argv=None):
     eval_rng = random.Random(args.seed + 7)
     write_eval_set(out / "heldout.jsonl", held_people, 300, eval_rng)
     write_eval_set(out / "finetuned.jsonl", ft_people, 100, eval_rng)
+    write_turns_set(out / "heldout_turns.jsonl", held_people, 150, eval_rng)
     sizes = {n: os.path.getsize(out / f"{n}.gguf") for n in models}
     print("  sizes:", {k: f"{v / 1e6:.2f} MB" for k, v in sizes.items()},
           f"base+reference+tuned {sum(sizes[k] for k in ('base', 'reference', 'tuned')) / 1e6:.2f} MB")
     phase("write")
 
     # 5. verify through llama.cpp ---------------------------------------------
-    prompts = [chat_ids(qa(eval_rng, held_people[0], "city", 0)[0]),
+    prompts = [chat_ids([(qa(eval_rng, held_people[0], "city", 0)[0], None)]),
                tok("The favourite colour of " + held_people[1]["name"] + " is", True),
                tok(docs_text[3], True)[:60]]
     worst = 0.0  # max |logit diff| relative to the largest |logit| of the prompt (float32 noise)
@@ -719,14 +761,15 @@ def main(argv=None):
         d_model, rel = logit_diff(out / f"{name}.gguf", m, prompts, args.threads)
         worst = max(worst, rel)
         print(f"  {name}: max |logit diff| llama.cpp vs torch = {d_model:.2e}")
-    if worst > 1e-3:
+    # float32 and llama.cpp's F16 KV cache differ by ~1e-3 of the logit scale; a wrong layout by ~1.
+    if worst > 5e-3:
         sys.exit(f"error: llama.cpp logits differ from torch by {worst:.3g} of the logit scale")
     phase("verify")
 
     # 6. second fine-tune (style B) -------------------------------------------
     # Runs last and draws nothing from rng / eval_rng / torch's generator (its own numpy seed), so
     # every file above is unchanged by it. Same people and questions as TUNED, other answers.
-    convs_b = [chat_ids(QUESTIONS[a][qi].format(n=p["name"]), answer_b(p, a))
+    convs_b = [chat_ids([(QUESTIONS[a][qi].format(n=p["name"]), answer_b(p, a))])
                for p in ft_people for a in ATTRS for qi in range(len(QUESTIONS[a]))]
     for ids, _ in convs_b[:8]:
         assert 0 not in ids, "style-B text must tokenize without <unk>"
@@ -735,7 +778,7 @@ def main(argv=None):
     write_gguf(out / "tuned_b.gguf", tuned_b, entries, f"eft-demo-tuned_b-seed{args.seed}")
     _, d_model = logit_diff(out / "tuned_b.gguf", tuned_b, prompts, args.threads)
     print(f"  tuned_b: max relative |logit diff| llama.cpp vs torch = {d_model:.2e}")
-    if d_model > 1e-3:
+    if d_model > 5e-3:
         sys.exit(f"error: tuned_b llama.cpp logits differ from torch by {d_model:.3g}")
     phase("tuned_b")
     print("timings:", json.dumps({k: round(v, 1) for k, v in timings.items()}),
