@@ -11,10 +11,12 @@ elsewhere every core is used, as llama.cpp does).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 _STAT, _LOADAVG = "/proc/stat", "/proc/loadavg"
+_log = logging.getLogger(__name__)
 
 
 def _sample() -> tuple[float, float, float] | None:
@@ -61,5 +63,8 @@ class LoadThreads:
             others = running - 1  # too soon to average: what runs beside this thread right now
         else:
             return self.current
-        self.current = max(1, min(self.most, round(self.most - others)))
+        chosen = max(1, min(self.most, round(self.most - others)))
+        if chosen != self.current:
+            _log.debug("threads per model: %d (other programs kept %.1f of %d cores busy)", chosen, others, self.most)
+        self.current = chosen
         return self.current

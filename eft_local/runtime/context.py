@@ -19,6 +19,7 @@ one pass.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, NamedTuple, Sequence
 
@@ -41,9 +42,10 @@ class Feed(NamedTuple):
     n_logits: int = 1
 
 
-def _feed(f: Feed | tuple) -> Feed:
-    """A Feed from a (slot, tokens[, n_logits]) tuple, with plain int token ids."""
-    return Feed(int(f[0]), [int(t) for t in f[1]], int(f[2]) if len(f) > 2 else 1)
+def _feed(f: Feed | tuple) -> tuple[int, list[int], int]:
+    """(slot, token ids, n_logits) of a Feed or a (slot, tokens[, n_logits]) tuple, as plain ints
+    (a plain tuple: this runs for every model at every step)."""
+    return int(f[0]), [int(t) for t in f[1]], int(f[2]) if len(f) > 2 else 1
 
 
 class Context:
@@ -100,50 +102,47 @@ class Context:
             return
         feeds.sort()  # by slot
         self._check(feeds)
-        for f in feeds:
+        for slot, _, _ in feeds:
             # Whatever the cache holds past a slot's history (a decode cut short) goes first.
-            llama_cpp.llama_memory_seq_rm(self.memory, f.slot, len(self.tokens[f.slot]), -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, len(self.tokens[slot]), -1)
         # Tokens without logits first, then every feed's rows with logits, in slot order (llama.cpp
         # batches runs of consecutive slots); chunks end at the list's end, so the last one holds
         # all rows with logits.
-        entries = [(f.slot, t) for f in feeds for t in f.tokens[: len(f.tokens) - f.n_logits]]
+        entries = [(slot, t) for slot, tokens, n in feeds for t in tokens[: len(tokens) - n]]
         n_heads = len(entries)
-        entries += [(f.slot, t) for f in feeds for t in f.tokens[len(f.tokens) - f.n_logits :]]
+        entries += [(slot, t) for slot, tokens, n in feeds for t in tokens[len(tokens) - n :]]
         for start, end in batch_chunks(len(entries), self.n_batch):
             self._decode(entries[start:end], max(n_heads - start, 0))
         # Only the first chunk is short, so the last one starts n_batch before the end; in it
         # the rows with logits follow the heads, in slot order.
         row = n_heads - max(len(entries) - self.n_batch, 0)
-        for f in feeds:
-            if f.n_logits:
-                self._rows[f.slot] = (row, f.n_logits)
-                row += f.n_logits
+        for slot, _, n in feeds:
+            if n:
+                self._rows[slot] = (row, n)
+                row += n
 
-    def _check(self, feeds: list[Feed]) -> None:
+    def _check(self, feeds: list[tuple[int, list[int], int]]) -> None:
         """Refuse a decode before anything runs."""
-        seen = set()
         n_rows = 0
-        for f in feeds:
-            if not 0 <= f.slot < self.n_slots:
-                raise ValueError(f"slot must be in [0, {self.n_slots}), got {f.slot}")
-            if f.slot in seen:
-                raise ValueError(f"slot {f.slot} fed twice in one decode")
-            seen.add(f.slot)
-            if not f.tokens:
-                raise ValueError(f"slot {f.slot}: decode needs at least one token")
-            if not 0 <= f.n_logits <= len(f.tokens):
-                raise ValueError(f"slot {f.slot}: n_logits must be in [0, {len(f.tokens)}], got {f.n_logits}")
-            if min(f.tokens) < 0 or max(f.tokens) >= self.n_vocab:
-                raise ValueError(f"slot {f.slot}: token ids must be in [0, {self.n_vocab})")
-            held = len(self.tokens[f.slot])
-            if held + len(f.tokens) > self.slot_ctx:
+        for slot, tokens, n_logits in feeds:
+            if not 0 <= slot < self.n_slots:
+                raise ValueError(f"slot must be in [0, {self.n_slots}), got {slot}")
+            if not tokens:
+                raise ValueError(f"slot {slot}: decode needs at least one token")
+            if not 0 <= n_logits <= len(tokens):
+                raise ValueError(f"slot {slot}: n_logits must be in [0, {len(tokens)}], got {n_logits}")
+            if min(tokens) < 0 or max(tokens) >= self.n_vocab:
+                raise ValueError(f"slot {slot}: token ids must be in [0, {self.n_vocab})")
+            held = len(self.tokens[slot])
+            if held + len(tokens) > self.slot_ctx:
                 if self.n_slots == 1:
-                    raise EFTError(f"context full: {held} + {len(f.tokens)} tokens exceed the context of {self.slot_ctx}")
-                raise EFTError(
-                    f"slot {f.slot} full: {held} + {len(f.tokens)} tokens exceed the {self.slot_ctx} a slot holds"
-                    f" ({self._capacity_reason()})"
-                )
-            n_rows += f.n_logits
+                    raise EFTError(f"context full: {held} + {len(tokens)} tokens exceed the context of {self.slot_ctx}")
+                raise EFTError(f"slot {slot} full: {held} + {len(tokens)} tokens exceed the {self.slot_ctx} a slot "
+                               f"holds ({self._capacity_reason()})")
+            n_rows += n_logits
+        if len(feeds) > 1 and len({slot for slot, _, _ in feeds}) < len(feeds):
+            twice = next(a for (a, _, _), (b, _, _) in zip(feeds, feeds[1:]) if a == b)
+            raise ValueError(f"slot {twice} fed twice in one decode")
         if n_rows > self.n_batch:
             raise ValueError(f"{n_rows} rows with logits exceed n_batch = {self.n_batch}")
 
@@ -268,6 +267,8 @@ class Slot:
         self.n_ctx = context.slot_ctx
         self.n_batch = context.n_batch
         self.tokens = context.tokens[slot]  # the same list: it changes as the context decodes
+        # Bound once: every step reads each model's row.
+        self.logits = functools.partial(context.logits, slot)
         self.tokenize, self.piece, self.token_text, self.is_eog = (
             self.model.tokenize, self.model.piece, self.model.token_text, self.model.is_eog)
         self.bos_id, self.eos_id = self.model.bos_id, self.model.eos_id
@@ -287,11 +288,6 @@ class Slot:
         with logits must all fit in the final chunk.
         """
         self.context.decode(((self.slot, tokens, n_logits),))
-
-    def logits(self, i: int = -1) -> np.ndarray:
-        """Raw logits of output row ``i`` of the last eval (-1: the last token); a view into
-        llama.cpp's buffer, valid until the next eval."""
-        return self.context.logits(self.slot, i)
 
     def trim(self, n: int) -> None:
         """Keep only the first ``n`` tokens."""
