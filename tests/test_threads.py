@@ -84,6 +84,20 @@ def test_explicit_threads_and_one_core_are_left_alone(monkeypatch):
         assert eft.model_set.threads is None
 
 
+@pytest.mark.parametrize("speculative", [None, 2])
+def test_every_decoding_strategy_follows_a_load_that_comes_during_the_reply(tmp_path, monkeypatch, speculative):
+    m = Machine(tmp_path, monkeypatch)
+    monkeypatch.setenv("EFT_LOCAL_THREADS", "2")
+    with EFT(DEMO / "base.gguf", DEMO / "tuned.gguf", DEMO / "reference.gguf") as eft:
+        chunks = eft.stream("Where was Patroul born?", temperature=0, ignore_eos=True, max_tokens=12,
+                            speculative=speculative)
+        next(chunks)
+        assert [b.context.threads for b in eft.model_set.backends] == [2, 2, 2]  # idle when it started
+        m.run(1.5, others=2.0)  # two busy programs from now on
+        list(chunks)
+        assert [b.context.threads for b in eft.model_set.backends] == [1, 1, 1]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the load is read from /proc (Linux)")
 def test_busy_programs_beside_a_generation_take_its_threads_away(monkeypatch):
     monkeypatch.setenv("EFT_LOCAL_THREADS", "2")

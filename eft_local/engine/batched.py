@@ -167,10 +167,11 @@ class Batcher:
                 ready.append(seq)
             elif self._prefill(seq, feeds):
                 ready.append(seq)
-        threads = self.model_set.threads
+        # The slots' contexts follow the load as the model set's own do (one look per step).
+        threads = self.model_set.threads.choose() if self.model_set.threads is not None else None
         for m, fs in feeds.items():
-            if threads is not None and m.threads != threads.choose():
-                m.set_threads(threads.current)
+            if threads is not None and m.threads != threads:
+                m.set_threads(threads)
             if fs:
                 m.decode(fs)
         self.steps += 1

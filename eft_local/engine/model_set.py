@@ -166,7 +166,9 @@ class ModelSet:
         self.run_on(self.backends, work)
 
     def run_on(self, backends: Sequence[Backend], work: Callable[[Backend], object]) -> None:
-        """Run ``work`` on ``backends``, in threads when concurrent."""
+        """Run ``work`` on ``backends``, in threads when concurrent; default threads follow the
+        cores' load here, so every decoding strategy's steps do."""
+        self.adjust_threads()
         if self._pool is None or len(backends) < 2:
             for b in backends:
                 work(b)

@@ -50,4 +50,3 @@ def plain_tokens(model_set: "ModelSet", sampler: Sampler, rng: np.random.Generat
         with sigint_deferred():
             model_set.run_on(needed, lambda b: b.eval([token]))
         timing.forward_seconds += time.perf_counter() - t1
-        model_set.adjust_threads()
