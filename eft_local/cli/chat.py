@@ -108,7 +108,7 @@ def chat_loop(eft: Any, sample_kw: dict[str, Any], *, system: str | None = None,
     without models in tests.
     """
     out = out or sys.stdout
-    session = Session(eft, dict(sample_kw), [{"role": "system", "content": system}] if system else [], out)
+    session = Session(eft, dict(sample_kw), [{"role": "system", "content": system}] if system else [])
     out.write(f"Chatting. {HELP}.\n")
     shifted = False  # the first turn left out of the context is announced, once
     with ChatInterrupts().installed() as interrupts:

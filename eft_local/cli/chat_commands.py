@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 from ..chat.prompt import check_messages
 from ..core.errors import EFTError
@@ -25,7 +25,6 @@ class Session:
     eft: Any
     options: dict[str, Any]
     messages: list[dict[str, str]] = field(default_factory=list)
-    out: TextIO | None = None
     leave: bool = False
 
     @property

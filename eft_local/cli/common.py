@@ -18,6 +18,7 @@ from ..core.params import FIELDS, cli_fields
 from ..core.text import replace_undecodable
 from ..engine.eft import DEFAULT_CTX, EFT
 from ..engine.model_set import BASE_PROMPTS, max_threads
+from ..hub.recipes import default_recipe, load_recipes, recipe_models, resolve
 from ..runtime.log import llama_log_scope, llama_logger
 
 # Like --verbose, and unexpected exceptions are re-raised with their traceback (for debugging).
@@ -169,9 +170,6 @@ def resolve_models(recipe: str | None, base: str | None, tuned: str | None, refe
     explicit = {role: p for role, p in (("base", base), ("tuned", tuned), ("reference", reference)) if p}
     if len(explicit) == 3 and recipe is None:
         return explicit
-    # Imported here: huggingface_hub is slow to import and only recipes need it.
-    from ..hub.recipes import default_recipe, resolve
-
     models = {role: str(p) for role, p in resolve(recipe or default_recipe()).items()}
     return {**models, **explicit}
 
@@ -181,8 +179,6 @@ def check_base_path(base: str | None) -> None:
     usage error that names --recipe, not a missing file."""
     if base is None or os.path.exists(base) or os.path.basename(base) != base:
         return
-    from ..hub.recipes import load_recipes
-
     try:
         names = load_recipes()
     except EFTError:
@@ -249,27 +245,24 @@ def engine_kwargs(base_prompt: str, ctx_size: int, threads: int | dict[str, int]
 
 def chosen_models(recipe: str | None, base: str | None, tuned: str | None, reference: str | None,
                   deltas: tuple[str, ...], weight: float = 1.0) -> tuple[str, list[Delta]]:
-    """The base path and the deltas: from --delta, else --tuned/--reference, else the recipe's."""
-    if not deltas:
-        models = resolve_models(recipe, base, tuned, reference)
-        if tuned or reference:
-            return models["base"], [Delta(models["tuned"], models["reference"], weight)]
-        from ..hub.recipes import default_recipe, get_recipe
-
-        named = get_recipe(recipe or default_recipe()).deltas
-        # --weight scales the recipe's first delta, as it does the one-delta form.
-        return models["base"], [Delta(models[t], models[r], w * (weight if i == 0 else 1.0))
-                                for i, (t, r, w) in enumerate(named)]
+    """The base path and the deltas: from --delta, else --tuned/--reference, else the recipe's
+    (-m/--model replacing its base)."""
     check_base_path(base)
+    if deltas:
+        if tuned or reference:
+            raise click.UsageError("--delta replaces --tuned/--reference: give one form")
+        try:
+            parsed = [parse_delta(d) for d in deltas]
+        except EFTError as e:
+            raise click.UsageError(str(e)) from None
+        return base or str(recipe_models(recipe)[0]), parsed
     if tuned or reference:
-        raise click.UsageError("--delta replaces --tuned/--reference: give one form")
-    try:
-        parsed = [parse_delta(d) for d in deltas]
-    except EFTError as e:
-        raise click.UsageError(str(e)) from None
-    if base is None:
-        base = resolve_models(recipe, None, None, None)["base"]
-    return base, parsed
+        models = resolve_models(recipe, base, tuned, reference)
+        return models["base"], [Delta(models["tuned"], models["reference"], weight)]
+    recipe_base, named = recipe_models(recipe)
+    # --weight scales the recipe's first delta, as it does the one-delta form.
+    return base or str(recipe_base), [d._replace(weight=d.weight * weight) if i == 0 else d
+                                      for i, d in enumerate(named)]
 
 
 def load(recipe: str | None, base: str | None, tuned: str | None, reference: str | None, deltas: tuple[str, ...],

@@ -11,6 +11,7 @@ import click
 from ..core.errors import EFTError
 from ..core.net import listen_address
 from ..core.params import SamplingParams
+from ..hub.recipes import default_recipe
 from .common import (engine_options, handle_errors, load, model_options, parallel_option, sampling_options,
                      split_options, verbose_option)
 
@@ -66,6 +67,4 @@ def served_name(recipe: str | None, base: str | None) -> str:
     """The model id the server answers to: the recipe's name, or the base file's."""
     if base is not None and recipe is None:
         return os.path.splitext(os.path.basename(base))[0]
-    from ..hub.recipes import default_recipe
-
     return recipe or default_recipe()

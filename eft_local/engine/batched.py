@@ -246,7 +246,7 @@ class Batcher:
             seq.pending = token
             return
         seq.out.put(seq.reply.end(
-            seq.reply.finish, prompt_tokens=len(seq.prompts[self.model_set.by_role["tuned"]]), prompt_eval_tokens=seq.prompt_eval,
+            prompt_tokens=len(seq.prompts[self.model_set.by_role["tuned"]]), prompt_eval_tokens=seq.prompt_eval,
             prompt_seconds=seq.t_ready - seq.t_admitted, generate_seconds=time.perf_counter() - seq.t_ready,
             slot=seq.slot))
         del self._active[seq.slot]

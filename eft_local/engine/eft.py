@@ -293,7 +293,7 @@ class EFT:
                     source.close()
                 guard.leave()
         # A token source that runs out has filled the context.
-        yield reply.end(reply.finish, prompt_tokens=len(prompts[tuned]), prompt_eval_tokens=prompt_eval,
+        yield reply.end(prompt_tokens=len(prompts[tuned]), prompt_eval_tokens=prompt_eval,
                         prompt_seconds=t1 - t0, generate_seconds=time.perf_counter() - t1, **timing.summary())
 
     def explain(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None, raw: bool = False,

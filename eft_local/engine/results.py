@@ -112,13 +112,15 @@ class Reply:
             self.finish = "length"
         return chunk
 
-    def end(self, finish: str | None, *, prompt_tokens: int, prompt_eval_tokens: int, prompt_seconds: float,
-            generate_seconds: float, **extra: Any) -> Chunk:
-        """The last chunk: what text was held back, why the reply ended and the stats. ``finish``
-        None: the context is full (finish_reason "length", stats ``context_full``)."""
+    def end(self, *, prompt_tokens: int, prompt_eval_tokens: int, prompt_seconds: float, generate_seconds: float,
+            **extra: Any) -> Chunk:
+        """The last chunk: what text was held back, why the reply ended and the stats. A reply
+        that has not ended by itself filled the context (finish_reason "length", stats
+        ``context_full``)."""
         n = len(self.tokens)
         if self.params.context_shift:
             extra["dropped_messages"] = self.dropped_messages
+        finish = self.finish
         if finish is None:
             finish, extra["context_full"] = "length", True
         stats = {
