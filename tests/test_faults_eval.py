@@ -232,6 +232,23 @@ def test_permissions_fail_early_and_keep_the_existing_file(no_models):
     shutil.rmtree(tmp_path)
 
 
+def test_a_data_file_out_of_reach_is_one_line(no_models):
+    tmp_path = Path(tempfile.mkdtemp(prefix="eft-perm-"))
+    tmp_path.chmod(0o755)
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    shutil.copy(DATA, closed / "data.jsonl")
+    closed.chmod(0o700)
+    try:
+        with without_root():
+            result = CliRunner().invoke(main, eval_args(data=closed / "data.jsonl"))
+        assert result.exit_code == 1, result.output
+        assert result.stderr == f"error: cannot read {closed / 'data.jsonl'}: Permission denied\n"
+    finally:
+        shutil.rmtree(tmp_path)
+    assert no_models == []
+
+
 def test_the_early_check_leaves_an_existing_file_as_it_was(no_models, tmp_path):
     out = tmp_path / "r.json"
     out.write_text("earlier results\n")

@@ -46,12 +46,12 @@ def eval_command(data: str, recipe: str | None, base: str | None, tuned: str | N
     """
     if max_tokens < 1 or max_words < 1 or (limit is not None and limit < 1):
         raise EFTError("--max-tokens, --max-words and --limit must be at least 1")
-    data = str(data_file(data))
     # The output paths are checked before anything loads: a long run must not end unable to save.
     if output:
         ev.check_output(output, (".json", ".csv"))
     if plot:
         ev.check_plot(plot)
+    data = str(data_file(data))
     for path in (output, plot):
         if path and os.path.exists(path) and os.path.exists(data) and os.path.samefile(path, data):
             raise EFTError(f"cannot write {path}: it is the data file")

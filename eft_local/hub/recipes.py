@@ -377,8 +377,11 @@ def recipe_models(name: str | None = None) -> tuple[Path, list[Delta]]:
 def data_file(name: str | os.PathLike) -> Path:
     """A data file: a path, or a set in the models folder by name ("demo/heldout", from any folder)."""
     path = Path(name)
-    if path.exists():
-        return path
+    try:
+        if path.exists():
+            return path
+    except OSError:
+        return path  # there but out of reach: reading it says why, in one line
     root = models_dir()
     for candidate in (root / path, root / f"{path}.jsonl"):
         if candidate.is_file():
